@@ -1,0 +1,135 @@
+"""`load_dit`: every published Lens denoiser file -> a ready `LensDiT`.
+
+Accepted: a single `.safetensors` (bare keys or the `model.diffusion_model.` prefix of combined
+ComfyUI checkpoints), Microsoft's diffusers `transformer/` folder of fp32 shards (+ index and
+config.json), and Comfy-Org's `*_mxfp8` files (float8 weights + E8M0 block scales, kept quantised).
+Sizes are read from tensor shapes, so test-sized and real models load through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..device import resolve_compute
+from ..errors import LensFileError
+from ..identify import describe
+from ..quant import MXFP8_FORMAT, MXFP8Linear, read_comfy_quant
+from ..safetensors_reader import Checkpoint, open_checkpoint
+from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
+from .model import DiTConfig, LensDiT
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+_MARKERS = ("transformer_blocks.0.attn.norm_added_q.weight", "transformer_blocks.0.img_mlp.w1.weight")
+_EXPECTED = (
+    "a Lens denoiser: Comfy-Org's lens_bf16 / lens_turbo_bf16 / *_mxfp8 .safetensors "
+    "(models/diffusion_models) or Microsoft's transformer/ folder of diffusion_pytorch_model shards"
+)
+
+
+def _open(path: Path) -> Checkpoint:
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "transformer").is_dir():
+        path = path / "transformer"
+    return open_checkpoint(path, shard_prefixes=("diffusion_pytorch_model",) if path.is_dir() else ("",))
+
+
+def _key_prefix(ckpt: Checkpoint) -> str:
+    for prefix in _PREFIXES:
+        if all(prefix + marker in ckpt for marker in _MARKERS):
+            return prefix
+    raise LensFileError(
+        f"{ckpt.name}: this looks like {describe(ckpt.keys(), ckpt.shape)}, not a Lens denoiser. "
+        f"Expected {_EXPECTED}."
+    )
+
+
+def config_from_checkpoint(ckpt: Checkpoint, prefix: str = "") -> DiTConfig:
+    """The DiT sizes implied by the tensor shapes (checked against each other at fill time)."""
+    def shape(name):
+        return ckpt.shape(prefix + name)
+
+    block_ids = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))}
+    text_ids = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"txt_norm\.(\d+)\.weight$", k))}
+    if block_ids != set(range(len(block_ids))):
+        missing = sorted(set(range(max(block_ids) + 1)) - block_ids)
+        raise LensFileError(f"{ckpt.name}: transformer blocks {missing} are missing. The file is incomplete: download it again.")
+    hidden, in_channels = shape("img_in.weight")
+    head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
+    if hidden % head_dim:
+        raise LensFileError(f"{ckpt.name}: hidden size {hidden} is not a multiple of the head size {head_dim}.")
+    return DiTConfig(
+        hidden=hidden,
+        heads=hidden // head_dim,
+        head_dim=head_dim,
+        blocks=len(block_ids),
+        mlp_hidden=shape("transformer_blocks.0.img_mlp.w1.weight")[0],
+        text_width=shape("txt_norm.0.weight")[0],
+        text_layers=len(text_ids),
+        in_channels=in_channels,
+        out_channels=shape("proj_out.weight")[0],
+        time_channels=shape("time_text_embed.timestep_embedder.linear_1.weight")[1],
+    )
+
+
+def _check_config_json(ckpt: Checkpoint, cfg: DiTConfig) -> None:
+    """Microsoft's folder ships a config.json; contradictions with the shapes are caught here."""
+    folder = Path(ckpt.name)
+    config_file = folder / "config.json"
+    if not folder.is_dir() or not config_file.is_file():
+        return
+    declared = json.loads(config_file.read_text())
+    checks = {"num_layers": cfg.blocks, "num_attention_heads": cfg.heads, "attention_head_dim": cfg.head_dim, "enc_hidden_dim": cfg.text_width}
+    for field, actual in checks.items():
+        if field in declared and declared[field] != actual:
+            raise LensFileError(
+                f"{config_file}: says {field} = {declared[field]}, but the weights beside it have {actual}. "
+                "The folder mixes files of different models: download it again."
+            )
+
+
+def _quantised_linears(ckpt: Checkpoint, prefix: str) -> dict[str, str]:
+    """Linear module name -> comfy_quant format, for every layer the file stores quantised."""
+    formats = {}
+    for key in ckpt.keys():
+        if key.startswith(prefix) and key.endswith(".comfy_quant"):
+            module = key[len(prefix):-len(".comfy_quant")]
+            formats[module] = read_comfy_quant(ckpt.read(key)).get("format", "?")
+    return formats
+
+
+def _swap_in_quantised(model: LensDiT, formats: dict[str, str], file_name: str) -> None:
+    for module_name, fmt in formats.items():
+        if fmt != MXFP8_FORMAT:
+            raise LensFileError(
+                f"{file_name}: layer {module_name} is quantised as {fmt!r}; this pack reads bf16, fp32 and mxfp8 "
+                "Lens files. Use lens_bf16.safetensors or lens_mxfp8.safetensors from Comfy-Org/Lens."
+            )
+        parent_name, _, leaf = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, leaf)
+        setattr(parent, leaf, MXFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta"))
+
+
+def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LensDiT:
+    """Load a Lens denoiser from any published layout (see module docstring).
+
+    device: default CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU by
+    default; float16 is refused (the model overflows in fp16).
+    """
+    device, dtype = resolve_compute(device, dtype, what="the Lens denoiser")
+    ckpt = _open(Path(path))
+    prefix = _key_prefix(ckpt)
+    cfg = config_from_checkpoint(ckpt, prefix)
+    _check_config_json(ckpt, cfg)
+    with torch.device("meta"):
+        model = LensDiT(cfg)
+    _swap_in_quantised(model, _quantised_linears(ckpt, prefix), ckpt.name)
+    check_against_checkpoint(model, ckpt.keys(), ckpt.shape, ckpt.name, prefix)
+    model = fill_from_checkpoint(model, ckpt.read, device, dtype, prefix)
+    model.source = ckpt.name
+    model.file_metadata = ckpt.metadata
+    return model

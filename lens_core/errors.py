@@ -1,0 +1,13 @@
+"""Errors that carry a message a user can act on (which file, what was expected, how to fix it)."""
+
+
+class LensError(Exception):
+    """Base class of every error lens_core raises on purpose."""
+
+
+class LensFileError(LensError):
+    """A model file is missing, broken, or is not the kind of file that was asked for."""
+
+
+class LensInputError(LensError, ValueError):
+    """An argument (size, steps, tensor shape...) cannot be used; raised before any heavy work."""

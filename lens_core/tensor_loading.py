@@ -1,0 +1,68 @@
+"""Filling a model built on the `meta` device from a checkpoint, one tensor at a time.
+
+The model is created without memory (`torch.device("meta")`), then each parameter is read,
+converted to its target dtype, moved to its device and put in place. At any moment the process
+holds the loaded part of the model plus one tensor in its file dtype: no second full copy, also
+when fp32 shards become bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LensFileError
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), leaf
+
+
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of the (meta) parameter or buffer `name` of `model`."""
+    module, leaf = _owner(model, name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every parameter and buffer the model needs from a file."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: (tuple(t.shape), t.dtype) for name, t in named}
+
+
+def check_against_checkpoint(model: nn.Module, keys, shape_of, file_name: str, key_prefix: str = "") -> None:
+    """Raise LensFileError naming what is missing or has a contradicting shape."""
+    expected = expected_tensors(model)
+    missing = [name for name in expected if key_prefix + name not in keys]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LensFileError(
+            f"{file_name}: {len(missing)} weights are missing ({shown}). The file is incomplete "
+            "(an interrupted download or a missing shard?): download it again."
+        )
+    for name, (shape, _) in expected.items():
+        got = tuple(shape_of(key_prefix + name))
+        if got != shape:
+            raise LensFileError(
+                f"{file_name}: weight {key_prefix + name} has shape {list(got)}, but the other weights "
+                f"in the file imply {list(shape)}. The file is inconsistent or from another model."
+            )
+
+
+def fill_from_checkpoint(model: nn.Module, read, device, float_dtype: torch.dtype, key_prefix: str = "") -> nn.Module:
+    """Read every tensor the model expects via `read(key, dtype)` and put it in place.
+
+    Floating tensors become `float_dtype` unless the model declares an 8-bit float (quantised weights
+    and scales keep their storage dtype).
+    """
+    for name, (_, declared) in expected_tensors(model).items():
+        keep_storage = declared in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.uint8)
+        tensor = read(key_prefix + name, None if keep_storage else float_dtype)
+        if keep_storage and tensor.dtype != declared:
+            tensor = tensor.view(declared)
+        place_tensor(model, name, tensor.to(device))
+    return model.eval()

@@ -1,0 +1,79 @@
+"""Tiny random Lens models written to disk in the real published formats, for tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lens_core.dit.model import DiTConfig, LensDiT
+from lens_core.quant import quantize_linear_mxfp8
+
+TINY_DIT = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=48, text_layers=4)
+
+
+def random_dit_state(cfg: DiTConfig = TINY_DIT, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = LensDiT(cfg)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        noise = torch.randn_like(tensor)
+        if "norm" in name:
+            state[name] = 1.0 + 0.1 * noise
+        elif tensor.ndim == 1:
+            state[name] = 0.1 * noise
+        else:
+            state[name] = noise / tensor.shape[1] ** 0.5
+    return state
+
+
+def write_single(state, path: Path, dtype=torch.bfloat16, prefix: str = "", metadata=None) -> Path:
+    save_file({prefix + k: v.to(dtype).contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+def write_diffusers_shards(state, folder: Path, n_shards: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: state[k].float().contiguous() for k in keys[i::n_shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hidden = state["img_in.weight"].shape[0]
+    blocks = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
+    (folder / "config.json").write_text(json.dumps({"num_layers": blocks, "num_attention_heads": hidden // 64, "attention_head_dim": 64,
+                                                   "enc_hidden_dim": state["txt_norm.0.weight"].shape[0]}))
+    return folder
+
+
+def mxfp8_state(state) -> dict[str, torch.Tensor]:
+    """Quantise every block Linear whose input width is a multiple of 32, as Comfy-Org's files do."""
+    out = {}
+    for name, tensor in state.items():
+        module = name[: -len(".weight")]
+        if name.startswith("transformer_blocks.") and name.endswith(".weight") and tensor.ndim == 2 and tensor.shape[1] % 32 == 0:
+            for suffix, value in quantize_linear_mxfp8(tensor).items():
+                out[f"{module}.{suffix}"] = value
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    return out
+
+
+def dequantised(state_mx) -> dict[str, torch.Tensor]:
+    """The float state an mxfp8 state stands for (comfy-kitchen's dequantiser)."""
+    import comfy_kitchen
+
+    out = {}
+    for name, tensor in state_mx.items():
+        if name.endswith((".weight_scale", ".comfy_quant")):
+            continue
+        scale_key = name[: -len("weight")] + "weight_scale"
+        if scale_key in state_mx:
+            tensor = comfy_kitchen.dequantize_mxfp8(tensor, state_mx[scale_key].view(torch.float8_e8m0fnu), output_type=torch.float32)
+        out[name] = tensor.float()
+    return out
