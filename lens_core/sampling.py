@@ -1,0 +1,152 @@
+"""Flow-matching schedule, norm-rescaled guidance and the Euler sampler (lens_spec.md §4).
+
+Plain functions, FLUX-style: `schedule_sigmas` -> N+1 sigmas; `sample` runs N Euler steps
+x <- x + (sigma_next - sigma) * v with the update in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .dit.layout import latent_to_tokens, tokens_to_latent
+from .errors import LensInputError
+
+# The FLUX.2 empirical shift rule: mu as a function of image tokens L and steps N.
+_A1, _B1 = 8.73809524e-05, 1.89833333
+_A2, _B2 = 0.00016927, 0.45666666
+
+
+def empirical_mu(image_tokens: int, steps: int) -> float:
+    if image_tokens > 4300:
+        return _A2 * image_tokens + _B2
+    m200 = _A2 * image_tokens + _B2
+    m10 = _A1 * image_tokens + _B1
+    a = (m200 - m10) / 190.0
+    b = m200 - 200.0 * a
+    return a * steps + b
+
+
+def check_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise LensInputError(
+            f"image size {width}x{height} (width x height) is not usable: both sides must be positive multiples of 16 "
+            f"(e.g. {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})."
+        )
+
+
+def schedule_sigmas(steps: int, height: int, width: int, shift: float | None = None) -> torch.Tensor:
+    """The N+1 float32 sigmas for N steps at height x width pixels (last one 0).
+
+    shift: use this mu instead of the empirical rule (for experiments).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise LensInputError(f"steps must be a whole number >= 1, got {steps!r}.")
+    check_size(height, width)
+    mu = empirical_mu((height // 16) * (width // 16), steps) if shift is None else float(shift)
+    base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / base - 1.0))
+    return torch.cat([shifted, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def norm_rescaled_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """comb = v_u + g (v_c - v_u), rescaled per token to the norm of v_c (over the channel axis)."""
+    comb = v_uncond + scale * (v_cond - v_uncond)
+    comb_norm = comb.norm(dim=-1, keepdim=True)
+    factor = torch.where(comb_norm > 0, v_cond.norm(dim=-1, keepdim=True) / comb_norm.clamp_min(1e-12), torch.ones_like(comb_norm))
+    return comb * factor
+
+
+def _pad_text(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = length - features.shape[1]
+    if extra == 0:
+        return features, mask
+    features = torch.cat([features, features.new_zeros(features.shape[0], extra, *features.shape[2:])], dim=1)
+    return features, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+
+
+def _expand_batch(features: torch.Tensor, mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if features.shape[0] == batch:
+        return features, mask
+    if features.shape[0] != 1:
+        raise LensInputError(f"conditioning has batch {features.shape[0]} but the latent has {batch}; use 1 or {batch} prompts.")
+    return features.expand(batch, *features.shape[1:]), mask.expand(batch, -1)
+
+
+class Cancelled(Exception):
+    """Raised inside `sample` when the caller's cancellation check says stop."""
+
+
+def sample(
+    dit,
+    noise: torch.Tensor,
+    cond: tuple[torch.Tensor, torch.Tensor],
+    uncond: tuple[torch.Tensor, torch.Tensor] | None,
+    steps: int,
+    cfg: float,
+    *,
+    sigmas: torch.Tensor | None = None,
+    denoise: float = 1.0,
+    init_latent: torch.Tensor | None = None,
+    shift: float | None = None,
+    batch_cfg: bool = True,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Sample a latent [B, 128, h, w] from `noise` [B, 128, h, w].
+
+    cond / uncond: (features [B or 1, S, layers, C], mask [B or 1, S]); uncond may be None when cfg == 1.
+    denoise < 1 with `init_latent` is img2img: the run starts at the schedule's sigma for that strength.
+    callback(step, total, x0_estimate [B,128,h,w]) is called after every step; should_stop() is polled
+    before every step and raises `Cancelled` when it returns True.
+    """
+    if noise.ndim != 4 or noise.shape[1] != 128:
+        raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; a Lens latent is [B, 128, H/16, W/16].")
+    if cfg < 0 or not math.isfinite(cfg):
+        raise LensInputError(f"cfg must be >= 0, got {cfg}.")
+    if not 0.0 <= denoise <= 1.0:
+        raise LensInputError(f"denoise must be between 0 and 1, got {denoise}.")
+    batch, _, h, w = noise.shape
+    use_cfg = cfg != 1.0
+    if use_cfg and uncond is None:
+        raise LensInputError("cfg != 1 needs a negative (unconditional) conditioning; pass an empty negative prompt for none.")
+    if sigmas is None:
+        full_steps = steps if denoise >= 1.0 else max(1, round(steps / max(denoise, 1e-6)))
+        sigmas = schedule_sigmas(full_steps, h * 16, w * 16, shift)[-(steps + 1):] if denoise > 0 else torch.zeros(1)
+    cond = _expand_batch(*cond, batch)
+    if use_cfg:
+        uncond = _expand_batch(*uncond, batch)
+        length = max(cond[0].shape[1], uncond[0].shape[1])
+        cond, uncond = _pad_text(*cond, length), _pad_text(*uncond, length)
+        if cond[0].shape[2:] != uncond[0].shape[2:]:
+            raise LensInputError("positive and negative conditioning come from different text encoders (feature shapes differ).")
+
+    x = latent_to_tokens(noise.float())
+    if init_latent is not None and denoise < 1.0:
+        x = (1.0 - sigmas[0]) * latent_to_tokens(init_latent.float()) + sigmas[0] * x
+    total = len(sigmas) - 1
+    for i in range(total):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        sigma = sigmas[i].expand(batch)
+        v = _velocity(dit, x, sigma, cond, uncond if use_cfg else None, cfg, (h, w), batch_cfg)
+        x0 = x - sigmas[i] * v
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        if callback is not None:
+            callback(i + 1, total, tokens_to_latent(x0, (h, w)))
+    return tokens_to_latent(x, (h, w))
+
+
+def _velocity(dit, x, sigma, cond, uncond, cfg, grid, batch_cfg) -> torch.Tensor:
+    """The (guided) velocity in float32; both passes in one batch when `batch_cfg`."""
+    if uncond is None:
+        return dit(x, sigma, cond[0], cond[1], grid).float()
+    if batch_cfg:
+        v = dit(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]), grid).float()
+        v_cond, v_uncond = v.chunk(2)
+    else:
+        v_cond = dit(x, sigma, cond[0], cond[1], grid).float()
+        v_uncond = dit(x, sigma, uncond[0], uncond[1], grid).float()
+    return norm_rescaled_cfg(v_cond, v_uncond, cfg)
