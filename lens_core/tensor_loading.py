@@ -53,15 +53,17 @@ def check_against_checkpoint(model: nn.Module, keys, shape_of, file_name: str, k
             )
 
 
-def fill_from_checkpoint(model: nn.Module, read, device, float_dtype: torch.dtype, key_prefix: str = "") -> nn.Module:
+def fill_from_checkpoint(model: nn.Module, read, device, float_dtype: torch.dtype, key_prefix: str = "",
+                         float32_names: tuple[str, ...] = ()) -> nn.Module:
     """Read every tensor the model expects via `read(key, dtype)` and put it in place.
 
-    Floating tensors become `float_dtype` unless the model declares an 8-bit float (quantised weights
-    and scales keep their storage dtype).
+    Floating tensors become `float_dtype`, except those in `float32_names` (statistics that must stay
+    exact) and those the model declares as 8-bit (quantised weights and scales keep their storage dtype).
     """
     for name, (_, declared) in expected_tensors(model).items():
         keep_storage = declared in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.uint8)
-        tensor = read(key_prefix + name, None if keep_storage else float_dtype)
+        target = torch.float32 if name in float32_names else float_dtype
+        tensor = read(key_prefix + name, None if keep_storage else target)
         if keep_storage and tensor.dtype != declared:
             tensor = tensor.view(declared)
         place_tensor(model, name, tensor.to(device))

@@ -1,0 +1,195 @@
+"""The FLUX.2 autoencoder (a KL autoencoder in the ldm layout), sizes read from the checkpoint.
+
+Module names follow the ldm / Comfy-Org `flux2-vae.safetensors` keys; the loader renames
+diffusers and BFL files onto them. GroupNorm(32, eps 1e-6) and the mid attention compute in
+float32; everything else runs in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    res_blocks: int = 2
+    z_channels: int = 32
+    image_channels: int = 3
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per VAE latent position (8 for the real model)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return GroupNorm32(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1 = _norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions (1x1 convs for q, k, v and the output)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        normed = self.norm(x)
+        q, k, v = (conv(normed).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    def __init__(self, blocks: list[ResnetBlock], resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        if resample is not None:
+            self.add_module(resample_name, resample)
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(cfg.image_channels, cfg.channels, 3, padding=1)
+        levels, cin = [], cfg.channels
+        for i, cout in enumerate(widths):
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.res_blocks)]
+            last = i == len(widths) - 1
+            levels.append(Level(blocks, None if last else Downsample(cout), "downsample"))
+            cin = cout
+        self.down = nn.ModuleList(levels)
+        self.mid = Mid(widths[-1])
+        self.norm_out = _norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = Mid(widths[-1])
+        levels = [None] * len(widths)
+        cin = widths[-1]
+        for i in reversed(range(len(widths))):
+            cout = widths[i]
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.res_blocks + 1)]
+            levels[i] = Level(blocks, Upsample(cout) if i != 0 else None, "upsample")
+            cin = cout
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.image_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class LatentBatchNorm(nn.Module):
+    """`bn`: only the running statistics are used (affine=False); eps 1e-4."""
+
+    def __init__(self, channels: int, eps: float = 1e-4):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def _stats(self, x):
+        shape = (1, -1, 1, 1)
+        return self.running_mean.float().view(shape), torch.sqrt(self.running_var.float().view(shape) + self.eps)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(x)
+        return (x.float() - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(x)
+        return x.float() * std + mean
+
+
+class FluxVAEModel(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.bn = LatentBatchNorm(4 * cfg.z_channels)
