@@ -7,11 +7,16 @@ from .dit.layout import latent_to_tokens, tokens_to_latent
 from .dit.loader import load_dit
 from .dit.model import DiTConfig, LensDiT
 from .errors import LensError, LensFileError, LensInputError
-from .sampling import sample, schedule_sigmas
+from .sampling import Cancelled, sample, schedule_sigmas
+from .text.cache import PromptCache
+from .text.loader import load_text_encoder
+from .text.prompt import EncodedPrompts, encode_prompts, render_and_tokenize
+from .text.tokenizer import load_tokenizer
 from .vae.autoencoder import LensVAE
 from .vae.loader import load_vae
 
 __all__ = [
-    "DiTConfig", "LensDiT", "LensError", "LensFileError", "LensInputError",
-    "LensVAE", "latent_to_tokens", "load_dit", "load_vae", "sample", "schedule_sigmas", "tokens_to_latent",
+    "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError", "LensVAE",
+    "PromptCache", "encode_prompts", "latent_to_tokens", "load_dit", "load_text_encoder", "load_tokenizer", "load_vae",
+    "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
 ]

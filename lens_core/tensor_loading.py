@@ -30,7 +30,11 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of every parameter and buffer the model needs from a file."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
+    named = list(model.named_parameters())
+    for module_name, module in model.named_modules():
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None and leaf not in module._non_persistent_buffers_set:
+                named.append((f"{module_name}.{leaf}" if module_name else leaf, buffer))
     return {name: (tuple(t.shape), t.dtype) for name, t in named}
 
 
@@ -54,15 +58,16 @@ def check_against_checkpoint(model: nn.Module, keys, shape_of, file_name: str, k
 
 
 def fill_from_checkpoint(model: nn.Module, read, device, float_dtype: torch.dtype, key_prefix: str = "",
-                         float32_names: tuple[str, ...] = ()) -> nn.Module:
+                         dtype_for: dict[str, torch.dtype | None] | None = None) -> nn.Module:
     """Read every tensor the model expects via `read(key, dtype)` and put it in place.
 
-    Floating tensors become `float_dtype`, except those in `float32_names` (statistics that must stay
-    exact) and those the model declares as 8-bit (quantised weights and scales keep their storage dtype).
+    Floating tensors become `float_dtype`, except those named in `dtype_for` (a dtype, or None to keep
+    the file's dtype) and those the model declares as 8-bit (quantised weights and scales keep theirs).
     """
+    dtype_for = dtype_for or {}
     for name, (_, declared) in expected_tensors(model).items():
         keep_storage = declared in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.uint8)
-        target = torch.float32 if name in float32_names else float_dtype
+        target = dtype_for.get(name, float_dtype)
         tensor = read(key_prefix + name, None if keep_storage else target)
         if keep_storage and tensor.dtype != declared:
             tensor = tensor.view(declared)

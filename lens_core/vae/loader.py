@@ -114,5 +114,5 @@ def load_vae(path: str | os.PathLike, device=None, dtype=None) -> LensVAE:
         return ckpt.read(names[name], dtype_).reshape(expected[name])
 
     check_against_checkpoint(model, names.keys(), shape_of, ckpt.name)
-    model = fill_from_checkpoint(model, read, device, dtype, float32_names=("bn.running_mean", "bn.running_var"))
+    model = fill_from_checkpoint(model, read, device, dtype, dtype_for={"bn.running_mean": torch.float32, "bn.running_var": torch.float32})
     return LensVAE(model, source=ckpt.name)

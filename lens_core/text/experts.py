@@ -1,0 +1,73 @@
+"""GPT-OSS expert banks kept in their packed file format and dequantised one expert at a time.
+
+Dequantised to bf16 the 24 layers x 32 experts are ~38 GB; packed they are ~12 GB. The encoder
+only needs the experts its tokens are routed to, so each bank hands out `weight(e)` -> [out, in]
+for a single expert, decoded on the spot. Formats:
+- MXFP4 (Microsoft/OpenAI HF files): `*_blocks` uint8 [E, out, G, 16] (two E2M1 codes per byte,
+  low nibble = even element) + `*_scales` uint8 [E, out, G] (E8M0: 2^(s-127)), 32 values per block.
+- NVFP4 (Comfy-Org's file): packed uint8 [E, out, in/2] (high nibble = even element), swizzled
+  float8 block scales and a per-expert float32 scale, decoded by comfy-kitchen.
+- Dense: a float tensor [E, out, in], or HF's transposed [E, in, out].
+"""
+
+from __future__ import annotations
+
+import comfy_kitchen
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks [..., G, 16] uint8 + scales [..., G] uint8 -> [..., G*32] values."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]
+    values = torch.stack([low, high], dim=-1).flatten(-2)  # [..., G, 32], even element from the low nibble
+    exponents = scales.to(torch.int32) - 127
+    values = torch.ldexp(values, exponents[..., None].to(dtype))
+    return values.flatten(-2)
+
+
+class MXFP4Bank:
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
+        self.blocks, self.scales = blocks, scales
+        self.num_experts, self.out_features = blocks.shape[:2]
+        self.in_features = blocks.shape[2] * 32
+
+    def weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_mxfp4(self.blocks[expert], self.scales[expert], torch.float32).to(dtype)
+
+    def to(self, device) -> "MXFP4Bank":
+        self.blocks, self.scales = self.blocks.to(device), self.scales.to(device)
+        return self
+
+
+class NVFP4Bank:
+    def __init__(self, packed: torch.Tensor, block_scales: torch.Tensor, expert_scales: torch.Tensor):
+        self.packed, self.block_scales, self.expert_scales = packed, block_scales, expert_scales
+        self.num_experts, self.out_features = packed.shape[:2]
+        self.in_features = packed.shape[2] * 2
+
+    def weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        return comfy_kitchen.dequantize_nvfp4(
+            self.packed[expert], self.expert_scales[expert].float(), self.block_scales[expert], output_type=torch.float32
+        ).to(dtype)
+
+    def to(self, device) -> "NVFP4Bank":
+        self.packed, self.block_scales, self.expert_scales = (t.to(device) for t in (self.packed, self.block_scales, self.expert_scales))
+        return self
+
+
+class DenseBank:
+    def __init__(self, weights: torch.Tensor, transposed: bool):
+        self.weights, self.transposed = weights, transposed
+        self.num_experts = weights.shape[0]
+        self.out_features, self.in_features = (weights.shape[2], weights.shape[1]) if transposed else weights.shape[1:]
+
+    def weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        w = self.weights[expert]
+        return (w.T if self.transposed else w).to(dtype)
+
+    def to(self, device) -> "DenseBank":
+        self.weights = self.weights.to(device)
+        return self

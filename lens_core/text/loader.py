@@ -1,0 +1,150 @@
+"""`load_text_encoder`: GPT-OSS-20B from Microsoft/OpenAI's MXFP4 HF folder, Comfy-Org's NVFP4 file,
+or plain bf16/fp32 weights. Expert banks stay packed (see experts.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..device import resolve_compute
+from ..errors import LensFileError
+from ..identify import describe
+from ..safetensors_reader import Checkpoint, open_checkpoint
+from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
+from .experts import DenseBank, MXFP4Bank, NVFP4Bank
+from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
+
+_EXPECTED = (
+    "the GPT-OSS-20B text encoder: Comfy-Org's gpt_oss_20b_nvfp4.safetensors (models/text_encoders) "
+    "or Microsoft/OpenAI's text_encoder/ folder (model-0000k-of-00003.safetensors + config.json)"
+)
+
+
+def _open(path: Path) -> Checkpoint:
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
+        path = path / "text_encoder"
+    return open_checkpoint(path, shard_prefixes=("model",) if path.is_dir() else ("",))
+
+
+def _prefix(ckpt: Checkpoint) -> str:
+    for prefix in ("model.", ""):
+        if prefix + "layers.0.self_attn.sinks" in ckpt:
+            return prefix
+    raise LensFileError(f"{ckpt.name}: this looks like {describe(ckpt.keys(), ckpt.shape)}, not GPT-OSS. Expected {_EXPECTED}.")
+
+
+def _config_json(ckpt: Checkpoint) -> dict | None:
+    first = Path(ckpt.files[0].path)
+    candidate = first.parent / "config.json"
+    if candidate.is_file():
+        config = json.loads(candidate.read_text())
+        if config.get("model_type", "gpt_oss") != "gpt_oss":
+            raise LensFileError(f"{candidate}: model_type is {config.get('model_type')!r}, not gpt_oss. Expected {_EXPECTED}.")
+        return config
+    return None
+
+
+def config_from(ckpt: Checkpoint, prefix: str) -> GptOssConfig:
+    """From config.json when present (either spelling of the RoPE and top-k fields), else from shapes."""
+    def shape(name):
+        return ckpt.shape(prefix + name)
+
+    layers = len({m.group(1) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))})
+    vocab, hidden = shape("embed_tokens.weight")
+    heads = shape("layers.0.self_attn.sinks")[0]
+    head_dim = shape("layers.0.self_attn.q_proj.weight")[0] // heads
+    derived = dict(
+        vocab_size=vocab, hidden=hidden, layers=layers, heads=heads, head_dim=head_dim,
+        kv_heads=shape("layers.0.self_attn.k_proj.weight")[0] // head_dim,
+        experts=shape("layers.0.mlp.router.weight")[0],
+        expert_hidden=ckpt.shape(_file_key(ckpt, prefix, "layers.0.mlp.gate_up_bias"))[1] // 2,
+        layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)),
+    )
+    declared = _config_json(ckpt)
+    if declared is None:
+        return GptOssConfig(**derived)
+    rope = declared.get("rope_parameters") or {**(declared.get("rope_scaling") or {}), "rope_theta": declared.get("rope_theta")}
+    defaults = GptOssConfig()
+    if "layer_types" in declared:
+        derived["layer_types"] = tuple(declared["layer_types"])
+    return GptOssConfig(
+        **derived,
+        experts_per_token=declared.get("num_experts_per_tok", declared.get("experts_per_token", defaults.experts_per_token)),
+        sliding_window=declared.get("sliding_window", defaults.sliding_window),
+        rms_eps=declared.get("rms_norm_eps", defaults.rms_eps),
+        rope_theta=rope.get("rope_theta") or defaults.rope_theta,
+        rope_factor=rope.get("factor", defaults.rope_factor),
+        rope_beta_fast=rope.get("beta_fast", defaults.rope_beta_fast),
+        rope_beta_slow=rope.get("beta_slow", defaults.rope_beta_slow),
+        rope_original_context=rope.get("original_max_position_embeddings", defaults.rope_original_context),
+        rope_truncate=rope.get("truncate", defaults.rope_truncate),
+        swiglu_limit=declared.get("swiglu_limit", defaults.swiglu_limit),
+    )
+
+
+def _bank(ckpt: Checkpoint, base: str, device) -> MXFP4Bank | NVFP4Bank | DenseBank:
+    """The expert bank stored under `base` (e.g. `model.layers.3.mlp.experts.gate_up_proj`)."""
+    if base + "_blocks" in ckpt:
+        return MXFP4Bank(ckpt.read(base + "_blocks"), ckpt.read(base + "_scales")).to(device)
+    if base + ".weight_scale" in ckpt:
+        return NVFP4Bank(ckpt.read(base + ".weight"), ckpt.read(base + ".weight_scale"), ckpt.read(base + ".weight_scale_2")).to(device)
+    if base + ".weight" in ckpt:
+        return DenseBank(ckpt.read(base + ".weight"), transposed=False).to(device)
+    if base in ckpt:
+        return DenseBank(ckpt.read(base), transposed=True).to(device)
+    raise LensFileError(f"{ckpt.name}: expert weights {base}* are missing. The file is incomplete: download it again.")
+
+
+def _file_key(ckpt: Checkpoint, prefix: str, name: str) -> str:
+    """The file key of a model parameter; expert biases are `*_proj_bias` (HF) or `*_proj.bias` (Comfy)."""
+    for ours, theirs in ((".mlp.gate_up_bias", ".mlp.experts.gate_up_proj"), (".mlp.down_bias", ".mlp.experts.down_proj")):
+        if name.endswith(ours):
+            base = prefix + name[: -len(ours)] + theirs
+            return base + "_bias" if base + "_bias" in ckpt else base + ".bias"
+    return prefix + name
+
+
+def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOssEncoder:
+    """Load GPT-OSS for feature extraction. Defaults: CUDA + bf16 when available, else CPU + fp32.
+
+    The token embedding keeps the file's dtype (a lookup table needs no upcast: saves ~1.2 GB on CPU).
+    """
+    device, dtype = resolve_compute(device, dtype, what="the Lens text encoder")
+    ckpt = _open(Path(path))
+    prefix = _prefix(ckpt)
+    cfg = config_from(ckpt, prefix)
+    with torch.device("meta"):
+        model = GptOssEncoder(cfg)
+    file_key = {name: _file_key(ckpt, prefix, name) for name, _ in model.named_parameters()}
+    declared = _config_json(ckpt) or {}
+    missing_layers = [i for i in range(declared.get("num_hidden_layers", cfg.layers)) if prefix + f"layers.{i}.self_attn.sinks" not in ckpt]
+    if missing_layers:
+        raise LensFileError(f"{ckpt.name}: layers {missing_layers} are missing. Download every shard of the text encoder.")
+    file_keys = set(ckpt.keys())
+    check_against_checkpoint(model, [n for n in file_key if file_key[n] in file_keys], lambda n: ckpt.shape(file_key[n]), ckpt.name)
+    fill_from_checkpoint(model, lambda n, d: ckpt.read(file_key[n], d), device, dtype, dtype_for={"embed_tokens.weight": None})
+    model.inv_freq = yarn_inv_freq_and_scale(cfg)[0].to(device)  # computed, not stored: rebuild off the meta device
+    for i, layer in enumerate(model.layers):
+        base = f"{prefix}layers.{i}.mlp.experts."
+        layer.mlp.gate_up, layer.mlp.down = _bank(ckpt, base + "gate_up_proj", device), _bank(ckpt, base + "down_proj", device)
+        _check_bank(ckpt.name, i, layer.mlp.gate_up, (cfg.experts, 2 * cfg.expert_hidden, cfg.hidden))
+        _check_bank(ckpt.name, i, layer.mlp.down, (cfg.experts, cfg.hidden, cfg.expert_hidden))
+    model.source = ckpt.name
+    model.identity = _identity(ckpt)
+    model.checkpoint = ckpt
+    return model
+
+
+def _check_bank(file_name: str, layer: int, bank, expected: tuple[int, int, int]) -> None:
+    got = (bank.num_experts, bank.out_features, bank.in_features)
+    if got != expected:
+        raise LensFileError(f"{file_name}: layer {layer} expert bank is {list(got)} (experts, out, in), expected {list(expected)}.")
+
+
+def _identity(ckpt: Checkpoint) -> str:
+    """Names this encoder for the prompt cache: file names, sizes and modification times."""
+    return ";".join(f"{Path(f.path).resolve()}:{f.size}:{int(os.path.getmtime(f.path))}" for f in ckpt.files)

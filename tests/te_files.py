@@ -1,0 +1,104 @@
+"""Tiny GPT-OSS models for tests: transformers' GptOssModel as the reference, written in the HF dense,
+HF MXFP4 (golden) and Comfy-Org NVFP4 layouts; and a tokenizer.json built offline from the ranks."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import comfy_kitchen
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken
+from transformers import GptOssConfig as HFConfig
+from transformers import GptOssModel
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from lens_core.quant import comfy_quant_tensor
+from lens_core.text.tokenizer import BUNDLED_RANKS, HARMONY_SPECIAL_TOKENS, O200K_PATTERN
+
+
+def hf_reference(seed=0, layers=3, experts=6, top_k=3, window=3, vocab=300):
+    torch.manual_seed(seed)
+    cfg = HFConfig(num_hidden_layers=layers, num_local_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab,
+                   hidden_size=64, intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                   sliding_window=window, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    cfg._attn_implementation = "eager"
+    model = GptOssModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "layernorm" in name or name == "norm.weight" else 0.08 * torch.randn_like(p))
+    return model, cfg
+
+
+def hf_features(model, ids, mask, layers):
+    captured = {}
+    hooks = [model.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)) for i in layers]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return [captured[i] for i in layers]
+
+
+def write_hf_dense(model, cfg, folder: Path, dtype=torch.float32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"model." + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(cfg.to_json_string())
+    return folder
+
+
+def nvfp4_bank(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[E, out, in] float -> Comfy-Org NVFP4 bank tensors (comfy-kitchen's quantiser and layout)."""
+    packed, scales, globals_ = [], [], []
+    for w in weights:
+        per_tensor = (w.abs().max() / (448.0 * 6.0)).float().reshape(())
+        q, s = comfy_kitchen.quantize_nvfp4(w.float().contiguous(), per_tensor)
+        packed.append(q), scales.append(s), globals_.append(per_tensor)
+    return {"weight": torch.stack(packed), "weight_scale": torch.stack(scales), "weight_scale_2": torch.stack(globals_),
+            "comfy_quant": comfy_quant_tensor("nvfp4")}
+
+
+def write_comfy_nvfp4(model, path: Path, tokenizer_json: str | None = None) -> dict[str, torch.Tensor]:
+    """Bare keys, NVFP4 expert banks [E, out, in], bf16 elsewhere; returns the dequantised float state."""
+    out, dequantised = {}, {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            bank = nvfp4_bank(v.transpose(1, 2))
+            out.update({f"{k}.{suffix}": t for suffix, t in bank.items()})
+            deq = torch.stack([comfy_kitchen.dequantize_nvfp4(bank["weight"][e], bank["weight_scale_2"][e], bank["weight_scale"][e], output_type=torch.float32)
+                               for e in range(v.shape[0])])
+            dequantised[k] = deq.transpose(1, 2).contiguous()
+        elif k.endswith("_bias") and ".experts." in k:
+            out[k.replace("_proj_bias", "_proj.bias")] = v.to(torch.bfloat16)
+            dequantised[k] = v.to(torch.bfloat16).float()
+        else:
+            out[k] = v.to(torch.bfloat16)
+            dequantised[k] = v.to(torch.bfloat16).float()
+    if tokenizer_json is not None:
+        out["tokenizer_json"] = torch.tensor(list(tokenizer_json.encode("utf-8")), dtype=torch.uint8)
+    save_file(out, str(path))
+    return dequantised
+
+
+def build_tokenizer_json(tmp: Path) -> Path:
+    """GPT-OSS's tokenizer.json rebuilt from the bundled ranks with transformers' TikTokenConverter."""
+    ranks = tmp / "o200k_base.tiktoken"
+    with gzip.open(BUNDLED_RANKS, "rb") as src, open(ranks, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    tokenizer = TikTokenConverter(vocab_file=str(ranks), pattern=O200K_PATTERN).converted()
+    names = {v: k for k, v in HARMONY_SPECIAL_TOKENS.items()}
+    tokenizer.add_special_tokens([AddedToken(names.get(i, f"<|reserved_{i}|>"), special=True, normalized=False) for i in range(199998, 200013)])
+    path = tmp / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def golden_te_folder(golden: Path, tmp: Path) -> Path:
+    """The golden MXFP4 model as a Microsoft-style text_encoder/ folder (weights + config.json)."""
+    folder = tmp / "text_encoder"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(golden / "te_tiny_mxfp4.safetensors", folder / "model-00001-of-00001.safetensors")
+    shutil.copy(golden / "te_tiny_config.json", folder / "config.json")
+    return folder
