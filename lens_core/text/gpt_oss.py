@@ -199,8 +199,6 @@ class GptOssEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
-        # Right padding never reaches a real token under the causal mask; id 0 keeps any vocabulary in range.
-        input_ids = input_ids.masked_fill(attention_mask == 0, 0)
         positions = torch.arange(input_ids.shape[1], device=self.device, dtype=torch.float32)
         angles = positions[:, None] * self.inv_freq[None]
         cos, sin = torch.cos(angles) * self.rope_scale, torch.sin(angles) * self.rope_scale

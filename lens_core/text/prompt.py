@@ -85,8 +85,9 @@ def is_empty_prompt(prompt: str) -> bool:
     return not strip_control_markers(prompt).strip()
 
 
-def tokenize_batch(tokenizer: LensTokenizer, prompts: list[str], date: str | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-padded ids [B, S] (pad 199999), attention mask [B, S], and prompt tokens cut by the cap."""
+def tokenize_batch(tokenizer: LensTokenizer, prompts: list[str], date: str | None,
+                   pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded ids [B, S] (pad `<|endoftext|>` 199999), attention mask [B, S], and prompt tokens cut by the cap."""
     rows, dropped = [], []
     for prompt in prompts:
         ids = render_and_tokenize(tokenizer, prompt, date)
@@ -96,7 +97,7 @@ def tokenize_batch(tokenizer: LensTokenizer, prompts: list[str], date: str | Non
                         dropped[-1], MAX_TOKENS, prompt[-60:])
         rows.append(ids[:MAX_TOKENS])
     length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
@@ -123,7 +124,9 @@ def encode_prompts(encoder, tokenizer: LensTokenizer, prompts: list[str] | str, 
         else:
             todo.append(i)
     if todo:
-        ids, attention, dropped = tokenize_batch(tokenizer, [prompts[i] for i in todo], date)
+        # Padding never reaches a real token (causal attention); small test vocabularies lack id 199999.
+        pad_id = min(PAD_ID, encoder.config.vocab_size - 1)
+        ids, attention, dropped = tokenize_batch(tokenizer, [prompts[i] for i in todo], date, pad_id)
         captured = encoder.features(ids, attention, layers)
         stacked = torch.stack([c[:, PREFIX_TOKENS:].float().cpu() for c in captured], dim=2)
         kept_mask = attention[:, PREFIX_TOKENS:].bool()
