@@ -19,3 +19,9 @@ def golden() -> Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"golden tensors not found at {GOLDEN} (they ship with the development checkout only)")
     return GOLDEN
+
+
+@pytest.fixture(autouse=True)
+def _private_prompt_cache(tmp_path_factory, monkeypatch):
+    """Keep the on-disk prompt cache of every test out of the user's home folder."""
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lens_cache"))

@@ -1,0 +1,98 @@
+"""`LensPipeline`: prompt -> PIL images, tying the text encoder, the DiT and the VAE together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dit.layout import tokens_to_latent
+from .errors import LensInputError
+from .presets import VARIANTS, size_warnings
+from .sampling import sample
+from .text.prompt import FROZEN_DATE, encode_prompts
+
+log = logging.getLogger("lens_core")
+
+
+def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
+    """Starting noise [B, 128, H/16, W/16], drawn on the CPU so a seed gives the same image on any device.
+
+    Image i of a batch uses seed + i (so any image of a batch can be re-made alone). Each is drawn in
+    the reference's token order [L, 128], then laid out as a latent.
+    """
+    h, w = height // 16, width // 16
+    images = []
+    for i in range(batch):
+        generator = torch.Generator("cpu").manual_seed(int(seed) + i)
+        images.append(tokens_to_latent(torch.randn(1, h * w, 128, generator=generator), (h, w)))
+    return torch.cat(images)
+
+
+def check_variant_settings(variant: str, steps: int, cfg: float) -> list[str]:
+    """Warn about settings that do not fit the model variant (a distilled Turbo with CFG, and so on)."""
+    warnings = []
+    if variant == "turbo" and (cfg != 1.0 or steps > 8):
+        warnings.append(f"Lens-Turbo is distilled for 4 steps at CFG 1; steps={steps}, cfg={cfg} will over-cook the image.")
+    if variant in ("lens", "base") and steps <= 8 and cfg == 1.0:
+        warnings.append(f"{VARIANTS[variant].name} is not distilled: {steps} steps at CFG 1 gives a blurry image; "
+                        f"use {VARIANTS[variant].steps} steps at CFG {VARIANTS[variant].cfg} or load a Turbo model.")
+    for text in warnings:
+        log.warning("Lens: %s", text)
+    return warnings
+
+
+def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL RGB images."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+class LensPipeline:
+    def __init__(self, dit, text_encoder, tokenizer, vae, variant: str = "lens", prompt_cache=None, date: str | None = FROZEN_DATE):
+        if variant not in VARIANTS:
+            raise LensInputError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}.")
+        self.dit, self.text_encoder, self.tokenizer, self.vae = dit, text_encoder, tokenizer, vae
+        self.variant, self.prompt_cache, self.date = variant, prompt_cache, date
+
+    def encode(self, prompt: str, negative: str | None):
+        """(cond, uncond or None); uncond is the empty-prompt rule's zeros when negative is empty."""
+        if self.text_encoder.config.hidden != self.dit.config.text_width:
+            raise LensInputError(
+                f"the text encoder gives {self.text_encoder.config.hidden}-wide features but this denoiser expects "
+                f"{self.dit.config.text_width}: the two files do not belong together."
+            )
+        prompts = [prompt] if negative is None else [prompt, negative]
+        encoded = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.date, cache=self.prompt_cache)
+        cond = (encoded.features[:1], encoded.mask[:1])
+        uncond = None if negative is None else (encoded.features[1:], encoded.mask[1:])
+        return cond, uncond, encoded.dropped_tokens[0]
+
+    def __call__(self, prompt: str, negative: str = "", *, steps: int | None = None, cfg: float | None = None,
+                 seed: int = 0, height: int = 1024, width: int = 1024, batch: int = 1,
+                 init_image: torch.Tensor | None = None, denoise: float = 1.0,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+        defaults = VARIANTS[self.variant]
+        steps = defaults.steps if steps is None else steps
+        cfg = defaults.cfg if cfg is None else cfg
+        if not isinstance(steps, int) or steps < 1:
+            raise LensInputError(f"steps must be a whole number >= 1, got {steps!r}.")
+        if cfg < 0:
+            raise LensInputError(f"cfg must be >= 0, got {cfg}.")
+        if batch < 1:
+            raise LensInputError(f"batch must be >= 1, got {batch}.")
+        size_warnings(height, width)
+        check_variant_settings(self.variant, steps, cfg)
+        init_latent = None
+        if init_image is not None:
+            init_latent = self.vae.encode(init_image).expand(batch, -1, -1, -1)
+            height, width = init_latent.shape[-2] * 16, init_latent.shape[-1] * 16
+        cond, uncond, _ = self.encode(prompt, None if cfg == 1.0 else negative)
+        noise = make_noise(seed, batch, height, width)
+        latent = sample(self.dit, noise, cond, uncond, steps, cfg, denoise=denoise, init_latent=init_latent,
+                        callback=callback, should_stop=should_stop)
+        return latents_to_pil(self.vae.decode(latent))

@@ -1,0 +1,70 @@
+"""Variant defaults, resolution buckets and size checks (lens_spec.md §0 and §4)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .errors import LensInputError
+from .sampling import check_size
+
+log = logging.getLogger("lens_core")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    steps: int
+    cfg: float
+
+
+VARIANTS = {
+    "base": Variant("Lens-Base", 50, 5.0),
+    "lens": Variant("Lens", 20, 5.0),
+    "turbo": Variant("Lens-Turbo", 4, 1.0),
+}
+
+ASPECTS = ("1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1")
+# (height, width) per aspect (width:height), as trained.
+BUCKETS = {
+    1024: dict(zip(ASPECTS, [(1472, 736), (1376, 768), (1248, 832), (1152, 864), (1024, 1024),
+                             (864, 1152), (832, 1248), (768, 1376), (736, 1472)])),
+    1440: dict(zip(ASPECTS, [(2080, 1040), (1936, 1088), (1760, 1168), (1616, 1216), (1440, 1440),
+                             (1216, 1616), (1168, 1760), (1088, 1936), (1040, 2080)])),
+}
+MAX_TRAINED_PIXELS = 1440 * 1440
+
+
+def guess_variant(file_name: str, metadata: dict | None = None) -> str:
+    """"turbo" / "base" / "lens" from a DiT's file name or safetensors metadata (the weights can't tell)."""
+    text = (file_name + " " + " ".join(f"{k}={v}" for k, v in (metadata or {}).items())).lower()
+    if "turbo" in text:
+        return "turbo"
+    if "lens-base" in text or "lens_base" in text or "base" in file_name.lower().rsplit("/", 1)[-1]:
+        return "base"
+    return "lens"
+
+
+def bucket_size(aspect: str, base: int = 1024) -> tuple[int, int]:
+    """(height, width) of a trained bucket."""
+    try:
+        return BUCKETS[base][aspect]
+    except KeyError:
+        raise LensInputError(f"unknown bucket {aspect!r} at base {base}; aspects: {', '.join(ASPECTS)}; bases: 1024, 1440.") from None
+
+
+def size_warnings(height: int, width: int) -> list[str]:
+    """Validate a custom size (multiples of 16) and list what lies outside the trained range."""
+    check_size(height, width)
+    warnings = []
+    if not 0.5 <= width / height <= 2.0:
+        warnings.append(f"{width}x{height} has aspect {width / height:.2f}, outside the trained 1:2..2:1; expect distorted images.")
+    if height * width > MAX_TRAINED_PIXELS * 1.02:
+        warnings.append(f"{width}x{height} is {height * width / 1e6:.1f} MP, above the trained ~2.1 MP (1440x1440); expect repeated content.")
+    for text in warnings:
+        log.warning("Lens: %s", text)
+    return warnings
+
+
+def snap_to_16(value: int) -> int:
+    return max(16, int(round(value / 16)) * 16)
