@@ -67,4 +67,4 @@ def size_warnings(height: int, width: int) -> list[str]:
 
 
 def snap_to_16(value: int) -> int:
-    return max(16, int(round(value / 16)) * 16)
+    return max(16, int(value / 16 + 0.5) * 16)

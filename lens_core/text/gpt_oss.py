@@ -177,6 +177,15 @@ class GptOssEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].self_attn.q_proj.weight.device
 
+    def move(self, device) -> "GptOssEncoder":
+        """Move the model and its packed expert banks (which are not module parameters)."""
+        self.to(device)
+        for layer in self.layers:
+            for bank in (layer.mlp.gate_up, layer.mlp.down):
+                if bank is not None:
+                    bank.to(device)
+        return self
+
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
         """[B, 1, S, S] float32: 0 where a query may see a key, -inf elsewhere (causal, padding, window)."""
         s = attention_mask.shape[1]

@@ -1,0 +1,100 @@
+"""Everything the nodes need from ComfyUI, with plain fallbacks so the pack imports and runs without it.
+
+Inside ComfyUI: model folders from `folder_paths`, devices and interruption from
+`comfy.model_management`, progress and previews from `comfy.utils.ProgressBar`. Outside (tests,
+scripts): a models folder set with `set_models_dir` (or $LENS_MODELS_DIR), the CPU, and no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+try:
+    import folder_paths
+except ImportError:
+    folder_paths = None
+try:
+    import comfy.model_management as model_management
+    import comfy.utils as comfy_utils
+except ImportError:
+    model_management = None
+    comfy_utils = None
+
+FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
+_models_dir = Path(os.environ.get("LENS_MODELS_DIR", "models"))
+
+
+def set_models_dir(path) -> None:
+    """Outside ComfyUI: the folder that holds diffusion_models/, text_encoders/ and vae/."""
+    global _models_dir
+    _models_dir = Path(path)
+
+
+def list_models(kind: str) -> list[str]:
+    if folder_paths is not None:
+        return sorted(set(folder_paths.get_filename_list(kind)))
+    names = set()
+    for sub in FOLDERS[kind]:
+        folder = _models_dir / sub
+        if folder.is_dir():
+            names |= {str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")}
+    return sorted(names)
+
+
+def model_path(kind: str, name: str) -> str:
+    if folder_paths is not None:
+        return folder_paths.get_full_path_or_raise(kind, name)
+    for sub in FOLDERS[kind]:
+        path = _models_dir / sub / name
+        if path.exists():
+            return str(path)
+    raise FileNotFoundError(f"{name} is not in {', '.join(str(_models_dir / s) for s in FOLDERS[kind])}.")
+
+
+def compute_device() -> torch.device:
+    if model_management is not None:
+        return model_management.get_torch_device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
+
+
+def free_memory_for(nbytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload its own models until `nbytes` fit on `device` (no-op outside ComfyUI)."""
+    if model_management is not None and device.type != "cpu":
+        model_management.free_memory(nbytes, device)
+
+
+def release_memory() -> None:
+    if model_management is not None:
+        model_management.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def interrupted() -> bool:
+    """True when the user pressed Cancel in ComfyUI."""
+    return model_management is not None and model_management.processing_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    if model_management is not None:
+        model_management.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI's progress bar with latent previews; silent outside ComfyUI."""
+
+    def __init__(self, total: int):
+        self.bar = comfy_utils.ProgressBar(total) if comfy_utils is not None else None
+        self.updates = []
+
+    def update(self, step: int, total: int, preview_image=None) -> None:
+        self.updates.append(step)
+        if self.bar is not None:
+            self.bar.update_absolute(step, total, ("JPEG", preview_image, 512) if preview_image is not None else None)

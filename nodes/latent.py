@@ -1,0 +1,45 @@
+"""Lens Empty Latent: a trained aspect bucket (or a custom size) -> an empty Lens LATENT."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..lens_core.presets import ASPECTS, bucket_size, size_warnings, snap_to_16
+from .comfy_bridge import model_management
+from .loader import CATEGORY
+
+log = logging.getLogger("lens_core")
+
+
+class LensEmptyLatent:
+    DESCRIPTION = "An empty Lens latent [B, 128, H/16, W/16] at one of the trained aspect buckets (base 1024 or 1440) or a custom size."
+    CATEGORY = CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = ("LATENT", "INT", "INT")
+    RETURN_NAMES = ("latent", "width", "height")
+    OUTPUT_TOOLTIPS = ("Empty latent for the Lens samplers.", "Image width in pixels.", "Image height in pixels.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "base_resolution": ([1024, 1440], {"default": 1024, "tooltip": "Bucket family: ~1 MP (1024) or ~2 MP (1440)."}),
+            "aspect": (list(ASPECTS) + ["custom"], {"default": "1:1", "tooltip": "Width:height of a trained bucket, or custom to use width/height."}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip": "Custom width (multiple of 16; other values are snapped)."}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip": "Custom height (multiple of 16; other values are snapped)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run; image i uses seed + i."}),
+        }}
+
+    def generate(self, base_resolution, aspect, width, height, batch_size):
+        if aspect == "custom":
+            snapped = snap_to_16(width), snap_to_16(height)
+            if snapped != (width, height):
+                log.warning("Lens Empty Latent: %dx%d snapped to %dx%d (multiples of 16)", width, height, *snapped)
+            width, height = snapped
+            size_warnings(height, width)
+        else:
+            height, width = bucket_size(aspect, int(base_resolution))
+        device = model_management.intermediate_device() if model_management is not None else torch.device("cpu")
+        latent = torch.zeros(batch_size, 128, height // 16, width // 16, device=device)
+        return ({"samples": latent}, width, height)

@@ -1,0 +1,71 @@
+"""Lens Model Loader: the denoiser, the text encoder and the VAE from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..lens_core import load_dit, load_text_encoder, load_tokenizer, load_vae
+from ..lens_core.presets import guess_variant
+from .comfy_bridge import compute_device, list_models, model_path
+from .managed import Managed
+
+CATEGORY = "Lens"
+HF = "https://huggingface.co/Comfy-Org/Lens"
+_cache: dict = {}
+
+
+def _load_once(kind: str, path: str, dtype, loader):
+    """Reuse a model loaded with the same file and settings (ComfyUI re-runs loaders on every prompt)."""
+    stat = Path(path).stat()
+    key = (kind, path, stat.st_size, stat.st_mtime, dtype)
+    if key not in _cache:
+        for old in [k for k in _cache if k[0] == kind]:
+            del _cache[old]
+        _cache[key] = loader()
+    return _cache[key]
+
+
+class LensModelLoader:
+    DESCRIPTION = ("Loads the three Lens models. Files go in ComfyUI/models: the denoiser in diffusion_models/, "
+                   f"GPT-OSS-20B in text_encoders/, the FLUX.2 VAE in vae/. Download: {HF}")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = ("The Lens denoiser (DiT).", "GPT-OSS-20B with its tokenizer.", "The FLUX.2 VAE with the Lens latent statistics.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dit_name": (list_models("diffusion_models"), {"tooltip": "The denoiser, in models/diffusion_models: lens_bf16 / lens_turbo_bf16 "
+                                                          f"(8.2 GB) or *_mxfp8 (5.5 GB) from {HF}/tree/main/split_files/diffusion_models"}),
+            "text_encoder_name": (list_models("text_encoders"), {"tooltip": "GPT-OSS-20B, in models/text_encoders: gpt_oss_20b_nvfp4.safetensors "
+                                                                f"(13 GB) from {HF}/tree/main/split_files/text_encoders"}),
+            "vae_name": (list_models("vae"), {"tooltip": f"The FLUX.2 VAE, in models/vae: flux2-vae.safetensors from {HF}/tree/main/split_files/vae "
+                                                         "(a FLUX.1 VAE will not work)"}),
+            "variant": (["auto", "lens", "turbo", "base"], {"default": "auto", "tooltip": "auto: from the file name ('turbo' in it = Lens-Turbo). "
+                                                                                           "The weights alone cannot tell."}),
+            "weight_dtype": (["auto", "bf16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on GPUs, fp32 on CPUs. fp16 is not offered: Lens overflows in fp16."}),
+            "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
+                                                                     "Off: each model moves to the GPU only while it runs."}),
+        }}
+
+    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded):
+        device = compute_device()
+        auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[weight_dtype]
+        dit_path, te_path, vae_path = (model_path("diffusion_models", dit_name), model_path("text_encoders", text_encoder_name),
+                                       model_path("vae", vae_name))
+        dit = _load_once("dit", dit_path, dtype, lambda: load_dit(dit_path, device="cpu", dtype=dtype))
+        encoder = _load_once("te", te_path, dtype, lambda: load_text_encoder(te_path, device="cpu", dtype=dtype))
+        tokenizer = _load_once("tok", te_path, None, lambda: load_tokenizer(te_path))
+        vae = _load_once("vae", vae_path, dtype, lambda: load_vae(vae_path, device="cpu", dtype=dtype))
+        if encoder.config.hidden != dit.config.text_width:
+            raise ValueError(f"{text_encoder_name} gives {encoder.config.hidden}-wide features but {dit_name} expects "
+                             f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")
+        resolved = guess_variant(dit_name, dit.file_metadata) if variant == "auto" else variant
+        return (Managed(dit, device, keep_loaded, {"variant": resolved, "name": dit_name}),
+                Managed(encoder, device, keep_loaded, {"tokenizer": tokenizer}),
+                Managed(vae, device, keep_loaded))

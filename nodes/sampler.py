@@ -1,0 +1,108 @@
+"""Lens Sampler (Lens / Lens-Base, norm-rescaled CFG) and Lens Turbo Sampler (4 steps, one pass each)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..lens_core import sample
+from ..lens_core.pipeline import check_variant_settings, make_noise
+from ..lens_core.vae.latent import latent_preview
+from .comfy_bridge import Progress, raise_if_interrupted
+from .encode import from_conditioning
+from .loader import CATEGORY
+
+log = logging.getLogger("lens_core")
+
+
+def _preview(x0: torch.Tensor):
+    from PIL import Image
+
+    rgb = (latent_preview(x0[:1])[0] * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(rgb)
+
+
+def _check_latent(latent: dict) -> torch.Tensor:
+    samples = latent["samples"]
+    if samples.ndim != 4 or samples.shape[1] != 128:
+        raise ValueError(f"this latent has {samples.shape[1] if samples.ndim == 4 else '?'} channels; Lens latents have 128. "
+                         "Use Lens Empty Latent or Lens VAE Encode (SD/SDXL/FLUX latents cannot be used).")
+    return samples
+
+
+def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
+    samples = _check_latent(latent)
+    dit = model.model
+    layers = dit.config.text_layers
+    cond = from_conditioning(positive, layers)
+    uncond = from_conditioning(negative, layers) if negative is not None and cfg != 1.0 else None
+    if cond[0].shape[-1] != dit.config.text_width:
+        raise ValueError(f"the conditioning is {cond[0].shape[-1]} wide per layer but this Lens model expects {dit.config.text_width}: "
+                         "it is not GPT-OSS features from Lens Text Encode (CLIP/T5/Qwen conditionings do not fit Lens).")
+    check_variant_settings(model.extras.get("variant", "lens"), steps, cfg)
+    batch, _, h, w = samples.shape
+    noise = make_noise(seed, batch, h * 16, w * 16)
+    img2img = denoise < 1.0
+    progress = Progress(steps)
+
+    def on_step(step, total, x0):
+        progress.update(step, total, _preview(x0))
+
+    with model.use() as dit_on_device:
+        out = sample(dit_on_device, noise, cond, uncond, steps, cfg, denoise=denoise,
+                     init_latent=samples.float() if img2img else None, callback=on_step,
+                     should_stop=lambda: raise_if_interrupted() or False)
+    return ({**latent, "samples": out.to(samples.device)},)
+
+
+class LensSampler:
+    DESCRIPTION = ("Samples Lens or Lens-Base with the reference schedule (resolution-dependent shift) and the reference "
+                   "norm-rescaled CFG. Lens: 20 steps, CFG 5. Lens-Base: 50 steps, CFG 5. For Lens-Turbo use Lens Turbo Sampler.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised Lens latent (decode with Lens VAE Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LENS_MODEL", {"tooltip": "From Lens Model Loader."}),
+            "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode (or ComfyUI's native Lens encoder)."}),
+            "negative": ("CONDITIONING", {"tooltip": "From Lens Text Encode; an empty negative is the reference unconditional input."}),
+            "latent": ("LATENT", {"tooltip": "From Lens Empty Latent, or Lens VAE Encode for img2img (with denoise < 1)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Noise seed; noise is drawn on the CPU, so a seed gives the same image on any GPU."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Lens: 20. Lens-Base: 50."}),
+            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Guidance scale; 1 skips the negative pass."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1 = text-to-image; below 1 keeps that much "
+                                                                                                 "of the input latent (img2img)."}),
+        }}
+
+    def run(self, model, positive, negative, latent, seed, steps, cfg, denoise):
+        return run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise)
+
+
+class LensTurboSampler:
+    DESCRIPTION = "Samples Lens-Turbo: 4 steps at CFG 1 (one forward pass per step, no negative prompt), the distilled schedule."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised Lens latent (decode with Lens VAE Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LENS_MODEL", {"tooltip": "A Lens-Turbo model from Lens Model Loader (lens_turbo_*.safetensors)."}),
+            "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode."}),
+            "latent": ("LATENT", {"tooltip": "From Lens Empty Latent."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Noise seed (drawn on the CPU: same image on any GPU)."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 16, "tooltip": "Lens-Turbo is distilled for 4."}),
+        }}
+
+    def run(self, model, positive, latent, seed, steps):
+        if model.extras.get("variant") not in ("turbo", None):
+            log.warning("Lens Turbo Sampler: %s does not look like Lens-Turbo; 4 steps at CFG 1 will be blurry. "
+                        "Use Lens Sampler (20 steps, CFG 5) for it.", model.extras.get("name"))
+        return run_sampler(model, positive, None, latent, seed, steps, 1.0, 1.0)

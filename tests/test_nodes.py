@@ -1,0 +1,169 @@
+"""The ComfyUI node pack without ComfyUI: definitions, conditioning format, errors, and the example
+workflows executed end to end on tiny random weight files in a temporary models folder."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model_files import random_dit_state, write_single
+from pack import ROOT, import_pack
+from te_files import hf_reference, write_comfy_nvfp4
+from workflow_runner import NativeNodes, run_workflow, widget_names
+
+pack = import_pack()
+NODES = pack.NODE_CLASS_MAPPINGS
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+def test_every_node_is_documented():
+    assert set(NODES) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in NODES.items():
+        assert node_id.startswith("LensPack")
+        assert cls.DESCRIPTION and cls.CATEGORY.startswith("Lens")
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        for section in cls.INPUT_TYPES().values():
+            for name, (_, *options) in section.items():
+                assert options and options[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_loader_tooltips_say_where_files_go():
+    tips = {k: v[1]["tooltip"] for k, v in NODES["LensPackModelLoader"].INPUT_TYPES()["required"].items() if k.endswith("_name")}
+    assert "models/diffusion_models" in tips["dit_name"] and "models/text_encoders" in tips["text_encoder_name"]
+    assert "models/vae" in tips["vae_name"] and all("huggingface.co/Comfy-Org/Lens" in t for t in tips.values())
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """Tiny random files in the real formats, under the names Comfy-Org publishes."""
+    root = tmp_path_factory.mktemp("models")
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (root / sub).mkdir()
+    cfg = __import__("lens_core").DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)
+    state = random_dit_state(cfg)
+    write_single(state, root / "diffusion_models" / "lens_bf16.safetensors")
+    write_single(state, root / "diffusion_models" / "lens_turbo_bf16.safetensors")
+    model, _ = hf_reference(layers=24, experts=4, top_k=4, window=128, vocab=201088)
+    write_comfy_nvfp4(model, root / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")
+    from lens_core.demo import demo_vae
+
+    vae_state = {k: v.contiguous() for k, v in demo_vae().model.state_dict().items()}
+    save_file(vae_state, str(root / "vae" / "flux2-vae.safetensors"))
+    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
+    bridge.set_models_dir(root)
+    return root
+
+
+def image_source():
+    torch.manual_seed(0)
+    return torch.rand(1, 70, 90, 3)  # not a multiple of 16: centre-cropped to 64 x 80
+
+
+def shrink(workflow_path: Path, tmp_path: Path, seed: int) -> Path:
+    """The example at a CI-sized resolution and step count, with a chosen seed (same graph, same widgets)."""
+    workflow = json.loads(workflow_path.read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "LensPackEmptyLatent":
+            node["widgets_values"] = [1024, "custom", 96, 64, 2]
+        if node["type"] == "LensPackSampler":
+            node["widgets_values"][0], node["widgets_values"][2] = seed, 3
+        if node["type"] == "LensPackTurboSampler":
+            node["widgets_values"][0] = seed
+    out = tmp_path / f"{workflow_path.stem}_{seed}.json"
+    out.write_text(json.dumps(workflow))
+    return out
+
+
+def test_three_example_workflows_exist():
+    assert {p.stem for p in WORKFLOWS} == {"lens_text_to_image", "lens_turbo_text_to_image", "lens_img2img"}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_matches_definitions(workflow):
+    data = json.loads(workflow.read_text())
+    ids = {n["id"] for n in data["nodes"]}
+    for node in data["nodes"]:
+        if node["type"] in NODES:
+            cls = NODES[node["type"]]
+            names = widget_names(cls)
+            expected = sum(2 if o.get("control_after_generate") else 1 for _, o in names)
+            assert len(node["widgets_values"]) == expected, node["type"]
+            inputs = [n for section in cls.INPUT_TYPES().values() for n, (t, *_) in section.items() if not (isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN"))]
+            assert [i["name"] for i in node["inputs"]] == inputs
+            assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
+            for name, options in names:
+                spec = dict((k, v) for s in cls.INPUT_TYPES().values() for k, v in s.items())[name]
+                if isinstance(spec[0], list) and node["type"] != "LensPackModelLoader":
+                    assert node["widgets_values"][[n for n, _ in names].index(name)] in spec[0], name
+        else:
+            assert node["type"] in ("SaveImage", "LoadImage", "Note")
+    for link_id, src, _, dst, _, _ in data["links"]:
+        assert src in ids and dst in ids
+    loaders = [n for n in data["nodes"] if n["type"] == "LensPackModelLoader"]
+    assert loaders and all(m["url"].startswith("https://huggingface.co/Comfy-Org/Lens/") for m in loaders[0]["properties"]["models"])
+    assert data["groups"] and any(n["type"] == "Note" for n in data["nodes"])
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_end_to_end(workflow, models_dir, tmp_path):
+    runs = []
+    for seed in (5, 5, 6):
+        natives = NativeNodes(image_source)
+        run_workflow(shrink(workflow, tmp_path, seed), NODES, natives)
+        (images,) = natives.saved
+        runs.append(images)
+    images = runs[0]
+    expected = (1, 64, 80, 3) if "img2img" in workflow.stem else (2, 64, 96, 3)
+    assert images.shape == expected and images.dtype == torch.float32
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_conditioning_is_native_layout(models_dir):
+    loader, encode = NODES["LensPackModelLoader"](), NODES["LensPackTextEncode"]()
+    _, te, _ = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+    positive, negative = encode.encode(te, "a red fox", "")
+    tensor, extras = positive[0]
+    assert tensor.ndim == 3 and tensor.shape[-1] == 4 * 64 and extras["attention_mask"].shape == tensor.shape[:2]
+    assert negative[0][0].shape == tensor.shape and not negative[0][1]["attention_mask"].any() and (negative[0][0] == 0).all()
+
+
+def test_bad_inputs_give_messages(models_dir, caplog):
+    loader = NODES["LensPackModelLoader"]()
+    with pytest.raises(Exception, match="FLUX.2 VAE.*not a Lens denoiser"):
+        loader.load("../vae/flux2-vae.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+    model, te, vae = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+    positive, negative = NODES["LensPackTextEncode"]().encode(te, "x", "")
+    sdxl_latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match="Lens latents have 128"):
+        NODES["LensPackSampler"]().run(model, positive, negative, sdxl_latent, 0, 2, 5.0, 1.0)
+    clip_cond = [[torch.zeros(1, 77, 768), {}]]
+    latent = {"samples": torch.zeros(1, 128, 2, 2)}
+    with pytest.raises(ValueError, match="GPT-OSS features"):
+        NODES["LensPackSampler"]().run(model, clip_cond, negative, latent, 0, 2, 5.0, 1.0)
+    with caplog.at_level(logging.WARNING, logger="lens_core"):
+        NODES["LensPackTurboSampler"]().run(model, positive, latent, 0, 1)
+    assert "does not look like Lens-Turbo" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="lens_core"):
+        NODES["LensPackEmptyLatent"]().generate(1024, "custom", 1000, 3000, 1)
+    assert "snapped to 1008x3008" in caplog.text and "outside the trained" in caplog.text
+
+
+def test_progress_is_reported_every_step(models_dir, monkeypatch):
+    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
+    sampler_module = __import__(pack.__name__ + ".nodes.sampler", fromlist=["x"])
+    seen = []
+
+    class Recording(bridge.Progress):
+        def update(self, step, total, preview_image=None):
+            seen.append((step, total, preview_image.size))
+
+    monkeypatch.setattr(sampler_module, "Progress", Recording)
+    loader = NODES["LensPackModelLoader"]()
+    model, te, _ = loader.load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+    positive, _ = NODES["LensPackTextEncode"]().encode(te, "x", "")
+    NODES["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 0, 4)
+    assert seen == [(i, 4, (8, 6)) for i in range(1, 5)]
