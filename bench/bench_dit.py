@@ -1,0 +1,105 @@
+"""Denoiser benchmark: per-forward time and peak memory, and load-time peak RSS of a full-size file.
+
+    python bench/bench_dit.py                      # CUDA: real size at 1024^2; CPU: 4 blocks at 512^2
+    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda
+    python bench/bench_dit.py --load-test /tmp/lens_bench   # writes a 4.1B-parameter bf16 file once, loads it in a child
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lens_core import DiTConfig, LensDiT  # noqa: E402
+
+
+def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
+    cfg = DiTConfig(blocks=blocks)
+    with torch.device(device):
+        model = LensDiT(cfg).to(dtype).eval()
+    h = w = size // 16
+    x = torch.randn(1, h * w, 128, device=device)
+    text = torch.randn(1, 128, 4, 2880, device=device)
+    mask = torch.ones(1, 128, dtype=torch.bool, device=device)
+    sigma = torch.tensor([0.5], device=device)
+    with torch.no_grad():
+        model(x, sigma, text, mask, (h, w))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x, sigma, text, mask, (h, w))
+        if device == "cuda":
+            torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"blocks": blocks, "size": size, "device": device, "dtype": str(dtype), "seconds_per_forward": round(seconds, 4),
+            "seconds_per_forward_48_blocks_estimate": round(seconds * 48 / blocks, 3), "peak_bytes": peak}
+
+
+def write_full_size_file(path: Path) -> None:
+    """A 4.1B-parameter bf16 Lens DiT in the real key layout, written tensor by tensor (little RAM)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LensDiT(DiTConfig()).state_dict().items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.tensor(shape).prod().item()) if shape else 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in shapes.items():
+            f.write((torch.randn(shape) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+
+
+def load_child(path: str) -> None:
+    from lens_core import load_dit
+
+    start = time.perf_counter()
+    model = load_dit(path, device="cpu", dtype=torch.bfloat16)
+    seconds = time.perf_counter() - start
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"load_seconds": round(seconds, 1), "model_bytes": size, "peak_rss_bytes": peak, "peak_over_model": round(peak / size, 3)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--blocks", type=int, default=48 if cuda else 4)
+    parser.add_argument("--size", type=int, default=1024 if cuda else 512)
+    parser.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=("bf16", "fp32"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--load-test", type=Path, help="folder for the full-size file (written once, 8.2 GB)")
+    parser.add_argument("--load-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_child:
+        return load_child(args.load_child)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    print(json.dumps(forward_benchmark(args.blocks, args.size, args.device, dtype, args.repeats)))
+    if args.load_test:
+        args.load_test.mkdir(parents=True, exist_ok=True)
+        path = args.load_test / "lens_bf16_random.safetensors"
+        if not path.exists():
+            start = time.perf_counter()
+            write_full_size_file(path)
+            print(f"wrote {path} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        subprocess.run([sys.executable, __file__, "--load-child", str(path)], check=True)
+
+
+if __name__ == "__main__":
+    main()
