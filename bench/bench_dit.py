@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import struct
 import subprocess
 import sys
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lens_core import DiTConfig, LensDiT  # noqa: E402
+from streaming_writer import write_streaming  # noqa: E402
 
 
 def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
@@ -50,19 +51,8 @@ def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, r
 def write_full_size_file(path: Path) -> None:
     """A 4.1B-parameter bf16 Lens DiT in the real key layout, written tensor by tensor (little RAM)."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in LensDiT(DiTConfig()).state_dict().items()}
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        nbytes = 2 * int(torch.tensor(shape).prod().item()) if shape else 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape in shapes.items():
-            f.write((torch.randn(shape) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+        shapes = {k: (torch.bfloat16, tuple(v.shape)) for k, v in LensDiT(DiTConfig()).state_dict().items()}
+    write_streaming(path, shapes, lambda name, dtype, shape: (torch.randn(shape) * 0.02).to(dtype))
 
 
 def load_child(path: str) -> None:

@@ -18,14 +18,19 @@ import torch
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def _byte_table(device) -> torch.Tensor:
+    """[256] int64: the two float32 values a byte holds (low nibble = even element first), packed in
+    one 64-bit word, so decoding is a single gather of one word per byte."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1).contiguous().view(torch.int64).view(256)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """blocks [..., G, 16] uint8 + scales [..., G] uint8 -> [..., G*32] values."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]
-    values = torch.stack([low, high], dim=-1).flatten(-2)  # [..., G, 32], even element from the low nibble
-    exponents = scales.to(torch.int32) - 127
-    values = torch.ldexp(values, exponents[..., None].to(dtype))
-    return values.flatten(-2)
+    """blocks [..., G, 16] uint8 + scales [..., G] uint8 (E8M0) -> [..., G*32] values."""
+    values = _byte_table(blocks.device)[blocks.long()].view(torch.float32).view(*blocks.shape[:-1], 32)
+    values *= torch.exp2(scales.float() - 127)[..., None]
+    return values.flatten(-2).to(dtype)
 
 
 class MXFP4Bank:
