@@ -143,18 +143,27 @@ class Checkpoint:
         return sum(info.end - info.start for f in self.files for info in f.tensors.values())
 
 
-def open_checkpoint(path: str | os.PathLike, shard_prefixes: tuple[str, ...] = ("",)) -> Checkpoint:
+def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -> Checkpoint:
+    """One model of a repository: a single file, a folder of its shards, or the repository folder that
+    holds it in `subfolder/` (e.g. Microsoft's `Lens/transformer/`)."""
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / subfolder).is_dir():
+        path = path / subfolder
+    return open_checkpoint(path, shard_prefix)
+
+
+def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoint:
     """Open a single `.safetensors` file or a folder of shards (checked against its index if present).
 
-    `shard_prefixes` narrows which files in a folder are weights (e.g. `diffusion_pytorch_model`).
+    `shard_prefix` narrows which files in a folder are weights (e.g. `diffusion_pytorch_model`).
     """
     path = Path(path)
     if path.is_file():
         return Checkpoint([SafetensorsFile(path)], str(path))
     if not path.is_dir():
         raise LensFileError(f"{path}: no such file or folder.")
-    shards = sorted(p for p in path.glob("*.safetensors") if p.name.startswith(shard_prefixes))
-    indexes = sorted(p for p in path.glob("*.safetensors.index.json") if p.name.startswith(shard_prefixes))
+    shards = sorted(p for p in path.glob("*.safetensors") if p.name.startswith(shard_prefix))
+    indexes = sorted(p for p in path.glob("*.safetensors.index.json") if p.name.startswith(shard_prefix))
     expected: set[str] = set()
     for index in indexes:
         try:
@@ -170,6 +179,5 @@ def open_checkpoint(path: str | os.PathLike, shard_prefixes: tuple[str, ...] = (
     if expected:
         shards = [path / name for name in sorted(expected)]
     if not shards:
-        wanted = " or ".join(f"{p}*.safetensors" for p in shard_prefixes if p) or "*.safetensors"
-        raise LensFileError(f"{path}: this folder holds no {wanted} files.")
+        raise LensFileError(f"{path}: this folder holds no {shard_prefix}*.safetensors files.")
     return Checkpoint([SafetensorsFile(p) for p in shards], str(path))

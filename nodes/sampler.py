@@ -14,6 +14,9 @@ from .encode import from_conditioning
 from .loader import CATEGORY
 
 log = logging.getLogger("lens_core")
+SEED_INPUT = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                      "tooltip": "Noise seed; noise is drawn on the CPU, so a seed gives the same image on any GPU. "
+                                 "Image i of a batch uses seed + i."})
 
 
 def _preview(x0: torch.Tensor):
@@ -71,8 +74,7 @@ class LensSampler:
             "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode (or ComfyUI's native Lens encoder)."}),
             "negative": ("CONDITIONING", {"tooltip": "From Lens Text Encode; an empty negative is the reference unconditional input."}),
             "latent": ("LATENT", {"tooltip": "From Lens Empty Latent, or Lens VAE Encode for img2img (with denoise < 1)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Noise seed; noise is drawn on the CPU, so a seed gives the same image on any GPU."}),
+            "seed": SEED_INPUT,
             "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Lens: 20. Lens-Base: 50."}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Guidance scale; 1 skips the negative pass."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1 = text-to-image; below 1 keeps that much "
@@ -96,8 +98,7 @@ class LensTurboSampler:
             "model": ("LENS_MODEL", {"tooltip": "A Lens-Turbo model from Lens Model Loader (lens_turbo_*.safetensors)."}),
             "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode."}),
             "latent": ("LATENT", {"tooltip": "From Lens Empty Latent."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Noise seed (drawn on the CPU: same image on any GPU)."}),
+            "seed": SEED_INPUT,
             "steps": ("INT", {"default": 4, "min": 1, "max": 16, "tooltip": "Lens-Turbo is distilled for 4."}),
         }}
 

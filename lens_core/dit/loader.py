@@ -19,7 +19,7 @@ from ..device import resolve_compute
 from ..errors import LensFileError
 from ..identify import describe
 from ..quant import MXFP8_FORMAT, MXFP8Linear, read_comfy_quant
-from ..safetensors_reader import Checkpoint, open_checkpoint
+from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from .model import DiTConfig, LensDiT
 
@@ -29,12 +29,6 @@ _EXPECTED = (
     "a Lens denoiser: Comfy-Org's lens_bf16 / lens_turbo_bf16 / *_mxfp8 .safetensors "
     "(models/diffusion_models) or Microsoft's transformer/ folder of diffusion_pytorch_model shards"
 )
-
-
-def _open(path: Path) -> Checkpoint:
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "transformer").is_dir():
-        path = path / "transformer"
-    return open_checkpoint(path, shard_prefixes=("diffusion_pytorch_model",) if path.is_dir() else ("",))
 
 
 def _key_prefix(ckpt: Checkpoint) -> str:
@@ -121,7 +115,7 @@ def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, 
     default; float16 is refused (the model overflows in fp16).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens denoiser")
-    ckpt = _open(Path(path))
+    ckpt = open_component(path, "transformer", "diffusion_pytorch_model")
     prefix = _key_prefix(ckpt)
     cfg = config_from_checkpoint(ckpt, prefix)
     _check_config_json(ckpt, cfg)

@@ -13,7 +13,7 @@ import torch
 from ..device import resolve_compute
 from ..errors import LensFileError
 from ..identify import describe
-from ..safetensors_reader import Checkpoint, open_checkpoint
+from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
@@ -22,12 +22,6 @@ _EXPECTED = (
     "the GPT-OSS-20B text encoder: Comfy-Org's gpt_oss_20b_nvfp4.safetensors (models/text_encoders) "
     "or Microsoft/OpenAI's text_encoder/ folder (model-0000k-of-00003.safetensors + config.json)"
 )
-
-
-def _open(path: Path) -> Checkpoint:
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
-        path = path / "text_encoder"
-    return open_checkpoint(path, shard_prefixes=("model",) if path.is_dir() else ("",))
 
 
 def _prefix(ckpt: Checkpoint) -> str:
@@ -114,7 +108,7 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     The token embedding keeps the file's dtype (a lookup table needs no upcast: saves ~1.2 GB on CPU).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens text encoder")
-    ckpt = _open(Path(path))
+    ckpt = open_component(path, "text_encoder", "model")
     prefix = _prefix(ckpt)
     cfg = config_from(ckpt, prefix)
     with torch.device("meta"):

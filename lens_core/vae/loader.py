@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import torch
 
 from ..device import resolve_compute
 from ..errors import LensFileError
 from ..identify import describe
-from ..safetensors_reader import Checkpoint, open_checkpoint
+from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from .autoencoder import LensVAE
 from .model import FluxVAEModel, VAEConfig
@@ -70,12 +69,6 @@ def _config(names: dict[str, str], ckpt: Checkpoint) -> VAEConfig:
                      z_channels=shape("decoder.conv_in.weight")[1], image_channels=shape("encoder.conv_in.weight")[1])
 
 
-def _open(path: Path) -> Checkpoint:
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
-        path = path / "vae"
-    return open_checkpoint(path, shard_prefixes=("diffusion_pytorch_model",) if path.is_dir() else ("",))
-
-
 def _check_is_flux2_vae(names: dict[str, str], ckpt: Checkpoint) -> None:
     required = ("encoder.conv_in.weight", "decoder.conv_in.weight", "bn.running_mean", "bn.running_var")
     if all(r in names for r in required):
@@ -93,7 +86,7 @@ def load_vae(path: str | os.PathLike, device=None, dtype=None) -> LensVAE:
     Defaults: CUDA when available (bf16), else CPU (fp32).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens VAE")
-    ckpt = _open(Path(path))
+    ckpt = open_component(path, "vae", "diffusion_pytorch_model")
     names = _ldm_names(ckpt)
     names.pop("bn.num_batches_tracked", None)
     _check_is_flux2_vae(names, ckpt)
