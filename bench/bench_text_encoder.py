@@ -85,7 +85,7 @@ def child(folder: str) -> None:
     encoder = load_text_encoder(folder, device="cpu")
     loaded = time.perf_counter()
     tokenizer = load_tokenizer()
-    prompt = " ".join(["a quiet harbour town at dawn, fishing boats, gulls, mist over the water"] * 13)
+    prompt = " ".join(["a quiet harbour town at dawn, fishing boats, gulls, mist over the water"] * 18)
     ids = render_and_tokenize(tokenizer, prompt)
     result = encode_prompts(encoder, tokenizer, [prompt])
     done = time.perf_counter()

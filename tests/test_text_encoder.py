@@ -107,3 +107,23 @@ def test_missing_shard_is_named(golden, tmp_path):
     (folder / "model.safetensors.index.json").unlink()
     with pytest.raises(LensFileError, match=r"layers \[4, 5\] are missing"):
         load_text_encoder(folder, device="cpu")
+
+
+def test_both_config_spellings_give_the_same_model(tmp_path):
+    """transformers 5 writes rope_parameters + num_experts_per_tok; older files rope_scaling + rope_theta
+    (+ experts_per_token in OpenAI's own config)."""
+    import json
+
+    model, cfg = hf_reference(seed=6, top_k=2)
+    new = write_hf_dense(model, cfg, tmp_path / "new")
+    old = write_hf_dense(model, cfg, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    config["experts_per_token"] = config.pop("num_experts_per_tok")
+    (old / "config.json").write_text(json.dumps(config))
+    te_new, te_old = load_text_encoder(new, device="cpu"), load_text_encoder(old, device="cpu")
+    assert te_new.config == te_old.config and te_old.config.experts_per_token == 2
+    ids = torch.randint(0, 300, (1, 9))
+    assert torch.equal(te_new.features(ids, layers=(2,))[0], te_old.features(ids, layers=(2,))[0])

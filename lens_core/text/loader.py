@@ -129,7 +129,6 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
         _check_bank(ckpt.name, i, layer.mlp.down, (cfg.experts, cfg.hidden, cfg.expert_hidden))
     model.source = ckpt.name
     model.identity = _identity(ckpt)
-    model.checkpoint = ckpt
     return model
 
 
