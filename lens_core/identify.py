@@ -54,3 +54,18 @@ def describe(keys: Iterable[str], shape=lambda key: ()) -> str:
     if not keys:
         return "an empty file"
     return "an unrecognised model (first keys: " + ", ".join(sorted(keys)[:3]) + ")"
+
+
+_PLACES = (
+    ("Lens denoiser", "the denoiser slot (ComfyUI/models/diffusion_models)"),
+    ("GPT-OSS", "the text-encoder slot (ComfyUI/models/text_encoders)"),
+    ("FLUX.2 VAE", "the VAE slot (ComfyUI/models/vae)"),
+)
+
+
+def placement_hint(description: str) -> str:
+    """" It belongs in ..." when the file is another Lens component put in the wrong place, else ""."""
+    for marker, place in _PLACES:
+        if marker in description:
+            return f" That file is part of Lens: it belongs in {place}."
+    return ""

@@ -62,7 +62,7 @@ def test_mxfp8_file_keeps_fp8_weights_and_matches_dequantised(tmp_path, state, i
 
 
 def test_other_models_are_named(tmp_path, golden):
-    with pytest.raises(LensFileError, match="FLUX.2 VAE.*not a Lens denoiser"):
+    with pytest.raises(LensFileError, match="FLUX.2 VAE.*not a Lens denoiser.*belongs in the VAE slot"):
         load_dit(golden / "vae_tiny_ldm.safetensors", device="cpu")
     with pytest.raises(LensFileError, match="GPT-OSS.*text encoder"):
         load_dit(golden / "te_tiny_mxfp4.safetensors", device="cpu")

@@ -17,7 +17,7 @@ import torch
 
 from ..device import resolve_compute
 from ..errors import LensFileError
-from ..identify import describe
+from ..identify import describe, placement_hint
 from ..quant import MXFP8_FORMAT, MXFP8Linear, read_comfy_quant
 from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
@@ -35,9 +35,9 @@ def _key_prefix(ckpt: Checkpoint) -> str:
     for prefix in _PREFIXES:
         if all(prefix + marker in ckpt for marker in _MARKERS):
             return prefix
+    looks_like = describe(ckpt.keys(), ckpt.shape)
     raise LensFileError(
-        f"{ckpt.name}: this looks like {describe(ckpt.keys(), ckpt.shape)}, not a Lens denoiser. "
-        f"Expected {_EXPECTED}."
+        f"{ckpt.name}: this looks like {looks_like}, not a Lens denoiser.{placement_hint(looks_like)} Expected {_EXPECTED}."
     )
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ..device import resolve_compute
 from ..errors import LensFileError
-from ..identify import describe
+from ..identify import describe, placement_hint
 from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank
@@ -28,7 +28,8 @@ def _prefix(ckpt: Checkpoint) -> str:
     for prefix in ("model.", ""):
         if prefix + "layers.0.self_attn.sinks" in ckpt:
             return prefix
-    raise LensFileError(f"{ckpt.name}: this looks like {describe(ckpt.keys(), ckpt.shape)}, not GPT-OSS. Expected {_EXPECTED}.")
+    looks_like = describe(ckpt.keys(), ckpt.shape)
+    raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not GPT-OSS.{placement_hint(looks_like)} Expected {_EXPECTED}.")
 
 
 def _config_json(ckpt: Checkpoint) -> dict | None:

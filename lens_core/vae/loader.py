@@ -13,7 +13,7 @@ import torch
 
 from ..device import resolve_compute
 from ..errors import LensFileError
-from ..identify import describe
+from ..identify import describe, placement_hint
 from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from .autoencoder import LensVAE
@@ -74,7 +74,7 @@ def _check_is_flux2_vae(names: dict[str, str], ckpt: Checkpoint) -> None:
     if all(r in names for r in required):
         return
     looks_like = describe(names.keys(), lambda k: ckpt.shape(names[k]))
-    hint = ""
+    hint = placement_hint(looks_like)
     if "FLUX.1 VAE" in looks_like:
         hint = " A FLUX.1 VAE (ae.safetensors of FLUX.1) is a common mix-up: Lens needs the FLUX.2 VAE (Comfy-Org flux2-vae.safetensors)."
     raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not the Lens VAE.{hint} Expected {_EXPECTED}.")
