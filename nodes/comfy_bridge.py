@@ -19,9 +19,11 @@ except ImportError:
 try:
     import comfy.model_management as model_management
     import comfy.utils as comfy_utils
+    from comfy.cli_args import LatentPreviewMethod, args as comfy_args
 except ImportError:
     model_management = None
     comfy_utils = None
+    comfy_args = None
 
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
 _models_dir = Path(os.environ.get("LENS_MODELS_DIR", "models"))
@@ -77,14 +79,17 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def interrupted() -> bool:
-    """True when the user pressed Cancel in ComfyUI."""
-    return model_management is not None and model_management.processing_interrupted()
-
-
-def raise_if_interrupted() -> None:
+def check_cancel() -> bool:
+    """For `sample(should_stop=...)`: raises ComfyUI's own interrupt exception when the user pressed
+    Cancel (ComfyUI reports that as a cancelled run, not an error); otherwise False."""
     if model_management is not None:
         model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+def previews_enabled() -> bool:
+    """False when ComfyUI runs with --preview-method none (its default): then no preview is rendered."""
+    return comfy_args is None or comfy_args.preview_method != LatentPreviewMethod.NoPreviews
 
 
 class Progress:
@@ -92,9 +97,7 @@ class Progress:
 
     def __init__(self, total: int):
         self.bar = comfy_utils.ProgressBar(total) if comfy_utils is not None else None
-        self.updates = []
 
     def update(self, step: int, total: int, preview_image=None) -> None:
-        self.updates.append(step)
         if self.bar is not None:
             self.bar.update_absolute(step, total, ("JPEG", preview_image, 512) if preview_image is not None else None)

@@ -50,9 +50,11 @@ class LensModelLoader:
             "weight_dtype": (["auto", "bf16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on GPUs, fp32 on CPUs. fp16 is not offered: Lens overflows in fp16."}),
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
                                                                      "Off: each model moves to the GPU only while it runs."}),
+            "text_encoder_device": (["gpu", "cpu"], {"default": "gpu", "tooltip": "cpu: run GPT-OSS-20B on the CPU (~14 GB of RAM, "
+                                                                                 "no VRAM; slower, but prompts are cached on disk)."}),
         }}
 
-    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded):
+    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu"):
         device = compute_device()
         auto = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[weight_dtype]
@@ -67,5 +69,5 @@ class LensModelLoader:
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")
         resolved = guess_variant(dit_name, dit.file_metadata) if variant == "auto" else variant
         return (Managed(dit, device, keep_loaded, {"variant": resolved, "name": dit_name}),
-                Managed(encoder, device, keep_loaded, {"tokenizer": tokenizer}),
+                Managed(encoder, torch.device("cpu") if text_encoder_device == "cpu" else device, keep_loaded, {"tokenizer": tokenizer}),
                 Managed(vae, device, keep_loaded))

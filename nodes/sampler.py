@@ -9,7 +9,7 @@ import torch
 from ..lens_core import sample
 from ..lens_core.pipeline import check_variant_settings, make_noise
 from ..lens_core.vae.latent import latent_preview
-from .comfy_bridge import Progress, raise_if_interrupted
+from .comfy_bridge import Progress, check_cancel, previews_enabled
 from .encode import from_conditioning
 from .loader import CATEGORY
 
@@ -48,14 +48,15 @@ def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
     noise = make_noise(seed, batch, h * 16, w * 16)
     img2img = denoise < 1.0
     progress = Progress(steps)
+    show_previews = previews_enabled()
 
     def on_step(step, total, x0):
-        progress.update(step, total, _preview(x0))
+        progress.update(step, total, _preview(x0) if show_previews else None)
 
     with model.use() as dit_on_device:
         out = sample(dit_on_device, noise, cond, uncond, steps, cfg, denoise=denoise,
                      init_latent=samples.float() if img2img else None, callback=on_step,
-                     should_stop=lambda: raise_if_interrupted() or False)
+                     should_stop=check_cancel)
     return ({**latent, "samples": out.to(samples.device)},)
 
 

@@ -124,7 +124,7 @@ def test_workflow_runs_end_to_end(workflow, models_dir, tmp_path):
 
 def test_conditioning_is_native_layout(models_dir):
     loader, encode = NODES["LensPackModelLoader"](), NODES["LensPackTextEncode"]()
-    _, te, _ = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+    _, te, _ = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
     positive, negative = encode.encode(te, "a red fox", "")
     tensor, extras = positive[0]
     assert tensor.ndim == 3 and tensor.shape[-1] == 4 * 64 and extras["attention_mask"].shape == tensor.shape[:2]
@@ -134,8 +134,8 @@ def test_conditioning_is_native_layout(models_dir):
 def test_bad_inputs_give_messages(models_dir, caplog):
     loader = NODES["LensPackModelLoader"]()
     with pytest.raises(Exception, match="FLUX.2 VAE.*not a Lens denoiser"):
-        loader.load("../vae/flux2-vae.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
-    model, te, vae = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+        loader.load("../vae/flux2-vae.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    model, te, vae = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
     positive, negative = NODES["LensPackTextEncode"]().encode(te, "x", "")
     sdxl_latent = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(ValueError, match="Lens latents have 128"):
@@ -163,7 +163,38 @@ def test_progress_is_reported_every_step(models_dir, monkeypatch):
 
     monkeypatch.setattr(sampler_module, "Progress", Recording)
     loader = NODES["LensPackModelLoader"]()
-    model, te, _ = loader.load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False)
+    model, te, _ = loader.load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
     positive, _ = NODES["LensPackTextEncode"]().encode(te, "x", "")
     NODES["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 0, 4)
     assert seen == [(i, 4, (8, 6)) for i in range(1, 5)]
+
+
+def test_cancel_stops_sampling_promptly(models_dir, monkeypatch):
+    """Inside ComfyUI, Cancel makes throw_exception_if_processing_interrupted raise; the sampler polls it every step."""
+    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
+
+    class Interrupted(Exception):
+        pass
+
+    class FakeModelManagement:
+        polls = 0
+
+        @classmethod
+        def throw_exception_if_processing_interrupted(cls):
+            cls.polls += 1
+            if cls.polls == 2:
+                raise Interrupted()
+
+        unet_offload_device = staticmethod(lambda: torch.device("cpu"))
+        soft_empty_cache = staticmethod(lambda: None)
+
+    loader = NODES["LensPackModelLoader"]()
+    model, te, _ = loader.load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive, _ = NODES["LensPackTextEncode"]().encode(te, "x", "")
+    monkeypatch.setattr(bridge, "model_management", FakeModelManagement)
+    steps = []
+    original = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a: steps.append(1) or original(*a))
+    with pytest.raises(Interrupted):
+        NODES["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 0, 4)
+    assert len(steps) == 1  # stopped before the second step
