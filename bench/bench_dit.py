@@ -3,6 +3,7 @@
     python bench/bench_dit.py                      # CUDA: real size at 1024^2; CPU: 4 blocks at 512^2
     python bench/bench_dit.py --blocks 48 --size 1024 --device cuda
     python bench/bench_dit.py --load-test /tmp/lens_bench   # writes a 4.1B-parameter bf16 file once, loads it in a child
+    python bench/bench_dit.py --load-test /tmp/lens_bench --load-format fp32-shards   # Microsoft's 2 fp32 shards -> bf16
 """
 
 from __future__ import annotations
@@ -48,11 +49,29 @@ def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, r
             "seconds_per_forward_48_blocks_estimate": round(seconds * 48 / blocks, 3), "peak_bytes": peak}
 
 
+def full_size_shapes() -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in LensDiT(DiTConfig()).state_dict().items()}
+
+
 def write_full_size_file(path: Path) -> None:
     """A 4.1B-parameter bf16 Lens DiT in the real key layout, written tensor by tensor (little RAM)."""
-    with torch.device("meta"):
-        shapes = {k: (torch.bfloat16, tuple(v.shape)) for k, v in LensDiT(DiTConfig()).state_dict().items()}
+    shapes = {k: (torch.bfloat16, shape) for k, shape in full_size_shapes().items()}
     write_streaming(path, shapes, lambda name, dtype, shape: (torch.randn(shape) * 0.02).to(dtype))
+
+
+def write_full_size_fp32_shards(folder: Path) -> None:
+    """Microsoft's layout: transformer/diffusion_pytorch_model-0000k-of-00002.safetensors (fp32) + index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(full_size_shapes().items())
+    half = len(names) // 2
+    weight_map = {}
+    for k, part in enumerate((names[:half], names[half:]), start=1):
+        shard = f"diffusion_pytorch_model-{k:05d}-of-00002.safetensors"
+        write_streaming(folder / shard, {n: (torch.float32, shape) for n, shape in part},
+                        lambda name, dtype, shape: torch.randn(shape) * 0.02)
+        weight_map.update({n: shard for n, _ in part})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 def load_child(path: str) -> None:
@@ -75,6 +94,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=("bf16", "fp32"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--load-test", type=Path, help="folder for the full-size file (written once, 8.2 GB)")
+    parser.add_argument("--load-format", choices=("bf16", "fp32-shards"), default="bf16")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_child:
@@ -83,10 +103,13 @@ def main() -> None:
     print(json.dumps(forward_benchmark(args.blocks, args.size, args.device, dtype, args.repeats)))
     if args.load_test:
         args.load_test.mkdir(parents=True, exist_ok=True)
-        path = args.load_test / "lens_bf16_random.safetensors"
+        if args.load_format == "bf16":
+            path, write = args.load_test / "lens_bf16_random.safetensors", write_full_size_file
+        else:
+            path, write = args.load_test / "transformer", write_full_size_fp32_shards
         if not path.exists():
             start = time.perf_counter()
-            write_full_size_file(path)
+            write(path)
             print(f"wrote {path} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         subprocess.run([sys.executable, __file__, "--load-child", str(path)], check=True)
 

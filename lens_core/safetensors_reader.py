@@ -139,9 +139,6 @@ class Checkpoint:
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._where[key].read(key, dtype)
 
-    def nbytes(self) -> int:
-        return sum(info.end - info.start for f in self.files for info in f.tensors.values())
-
 
 def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -> Checkpoint:
     """One model of a repository: a single file, a folder of its shards, or the repository folder that

@@ -12,13 +12,13 @@ import logging
 import torch
 
 from ..errors import LensInputError
-from .latent import fold, latent_preview, unfold
+from .latent import fold, unfold
 from .model import FluxVAEModel
 
 log = logging.getLogger("lens_core")
 
-DEFAULT_TILE = 64      # Lens latent positions per tile side (1024 pixels for the real VAE)
-DEFAULT_OVERLAP = 16   # Lens latent positions shared by neighbouring tiles
+DEFAULT_TILE = 32      # Lens latent positions per tile side (512 pixels for the real VAE)
+DEFAULT_OVERLAP = 8    # Lens latent positions shared by neighbouring tiles (128 pixels)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -177,8 +177,3 @@ class LensVAE:
         if tile and (height > pixel_tile or width > pixel_tile):
             return tiled_apply(self._encode_untiled, image, pixel_tile, overlap * scale, 1, scale, self.latent_channels)
         return self._encode_untiled(image).float().cpu()
-
-    @staticmethod
-    def preview(latent: torch.Tensor) -> torch.Tensor:
-        """A cheap [B, 2h, 2w, 3] RGB preview in [0, 1] (no VAE call)."""
-        return latent_preview(latent)
