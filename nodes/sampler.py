@@ -60,13 +60,18 @@ def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
     return ({**latent, "samples": out.to(samples.device)},)
 
 
-class LensSampler:
-    DESCRIPTION = ("Samples Lens or Lens-Base with the reference schedule (resolution-dependent shift) and the reference "
-                   "norm-rescaled CFG. Lens: 20 steps, CFG 5. Lens-Base: 50 steps, CFG 5. For Lens-Turbo use Lens Turbo Sampler.")
+class _SamplerNode:
+    """What both sampler nodes declare alike."""
+
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised Lens latent (decode with Lens VAE Decode).",)
+
+
+class LensSampler(_SamplerNode):
+    DESCRIPTION = ("Samples Lens or Lens-Base with the reference schedule (resolution-dependent shift) and the reference "
+                   "norm-rescaled CFG. Lens: 20 steps, CFG 5. Lens-Base: 50 steps, CFG 5. For Lens-Turbo use Lens Turbo Sampler.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -86,12 +91,8 @@ class LensSampler:
         return run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise)
 
 
-class LensTurboSampler:
+class LensTurboSampler(_SamplerNode):
     DESCRIPTION = "Samples Lens-Turbo: 4 steps at CFG 1 (one forward pass per step, no negative prompt), the distilled schedule."
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised Lens latent (decode with Lens VAE Decode).",)
 
     @classmethod
     def INPUT_TYPES(cls):
