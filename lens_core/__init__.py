@@ -7,6 +7,7 @@ from .dit.layout import latent_to_tokens, tokens_to_latent
 from .dit.loader import load_dit
 from .dit.model import DiTConfig, LensDiT
 from .errors import LensError, LensFileError, LensInputError
+from .pipeline import LensPipeline
 from .sampling import Cancelled, sample, schedule_sigmas
 from .text.cache import PromptCache
 from .text.loader import load_text_encoder
@@ -16,7 +17,7 @@ from .vae.autoencoder import LensVAE
 from .vae.loader import load_vae
 
 __all__ = [
-    "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError", "LensVAE",
+    "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError", "LensPipeline", "LensVAE",
     "PromptCache", "encode_prompts", "latent_to_tokens", "load_dit", "load_text_encoder", "load_tokenizer", "load_vae",
     "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
 ]
