@@ -62,7 +62,8 @@ class LensTextEncode:
         with text_encoder.use() as encoder:
             result = encode_prompts(encoder, tokenizer, [positive, negative], date=template_date, cache=_prompt_cache)
         if result.dropped_tokens[0]:
-            log.warning("Lens Text Encode: the positive prompt was %d tokens too long; its end was cut.", result.dropped_tokens[0])
+            log.warning("Lens Text Encode: the last %d tokens of the positive prompt did not fit the encoder's window and were cut.",
+                        result.dropped_tokens[0])
         positive_length = int(result.mask[0].sum()) if result.mask[0].any() else 1
         negative_length = int(result.mask[1].sum()) if result.mask[1].any() else positive_length
         return (to_conditioning(result.features[:1, :positive_length], result.mask[:1, :positive_length]),

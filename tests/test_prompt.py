@@ -100,13 +100,26 @@ def test_encode_prompts_drops_prefix_pads_and_reports_truncation(golden_te, capl
     assert result.mask[0].sum() == short_len and not result.mask[0, short_len:].any()
     assert (result.features[0, short_len:] == 0).all()
     full_long = len(tokenizer.encode(render_prompt(long_prompt)))
-    assert result.dropped_tokens == [0, full_long - MAX_TOKENS, 0]
-    assert "too long" in caplog.text
+    assert result.dropped_tokens == [0, full_long - MAX_TOKENS - 22, 0]
+    assert f"{full_long - MAX_TOKENS - 22} prompt tokens and 22 of the template's closing tokens were cut" in caplog.text
     assert not result.mask[2].any() and (result.features[2] == 0).all()  # empty negative: no encoder call
     # The kept features are the encoder's own, after the 97-token drop.
     ids = torch.tensor([tokenizer.encode(render_prompt("a red apple"))])
     direct = golden_te.features(ids, layers=(1, 3, 4))
     assert torch.allclose(result.features[0, :short_len, 1], direct[1][0, PREFIX_TOKENS:], atol=1e-6)
+
+
+def test_only_the_template_end_cut_drops_no_prompt_token():
+    from lens_core.text.prompt import tokenize_batch
+
+    tokenizer = load_tokenizer()
+    fill = PREFIX_TOKENS + 22
+    prompt = "cat " * (MAX_TOKENS - fill + 10)  # 10 tokens over: only the template's closing tokens are cut
+    ids = render_and_tokenize(tokenizer, prompt)
+    overflow = len(ids) - MAX_TOKENS
+    assert 0 < overflow <= 22
+    _, mask, dropped = tokenize_batch(tokenizer, [prompt], None)
+    assert dropped == [0] and mask.shape[1] == MAX_TOKENS
 
 
 def test_empty_negative_never_calls_encoder():

@@ -22,6 +22,7 @@ log = logging.getLogger("lens_core")
 FROZEN_DATE = "2026-05-23"
 MAX_TOKENS = 512
 PREFIX_TOKENS = 97
+SUFFIX_TOKENS = 22  # the template after the prompt, from `<|end|>` on
 SELECTED_LAYERS = (5, 11, 17, 23)
 _CONTROL_MARKER = re.compile(r"<\|[^|<>]*\|>")
 
@@ -91,10 +92,14 @@ def tokenize_batch(tokenizer: LensTokenizer, prompts: list[str], date: str | Non
     rows, dropped = [], []
     for prompt in prompts:
         ids = render_and_tokenize(tokenizer, prompt, date)
-        dropped.append(max(0, len(ids) - MAX_TOKENS))
-        if dropped[-1]:
-            log.warning("Lens: prompt is %d tokens too long for the encoder's %d-token window; the end was cut: %r",
-                        dropped[-1], MAX_TOKENS, prompt[-60:])
+        overflow = len(ids) - MAX_TOKENS
+        # The reference cuts the rendered sequence from the end: the template's closing tokens go first,
+        # then the end of the prompt.
+        dropped.append(max(0, overflow - SUFFIX_TOKENS))
+        if overflow > 0:
+            log.warning("Lens: the prompt does not fit the encoder's %d-token window: %d prompt tokens and %d of the "
+                        "template's closing tokens were cut (as the reference does); the prompt ends with %r",
+                        MAX_TOKENS, dropped[-1], min(overflow, SUFFIX_TOKENS), prompt[-60:])
         rows.append(ids[:MAX_TOKENS])
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
