@@ -198,3 +198,20 @@ def test_cancel_stops_sampling_promptly(models_dir, monkeypatch):
     with pytest.raises(Interrupted):
         NODES["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 0, 4)
     assert len(steps) == 1  # stopped before the second step
+
+
+def test_cached_prompt_does_not_move_the_encoder(models_dir, tmp_path, monkeypatch):
+    encode_module = __import__(pack.__name__ + ".nodes.encode", fromlist=["x"])
+    monkeypatch.setattr(encode_module, "_prompt_cache", __import__("lens_core").PromptCache(tmp_path / "cache"))
+    loader = NODES["LensPackModelLoader"]()
+    _, te, _ = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    uses = []
+    original = te.use
+    monkeypatch.setattr(te, "use", lambda: uses.append(1) or original())
+    encode = NODES["LensPackTextEncode"]()
+    first = encode.encode(te, "a lighthouse in fog", "blurry")
+    second = encode.encode(te, "a lighthouse in fog", "blurry")
+    assert len(uses) == 1  # the second call is served from the cache without moving the encoder
+    assert torch.equal(first[0][0][0], second[0][0][0]) and torch.equal(first[1][0][0], second[1][0][0])
+    encode.encode(te, "a new prompt", "")
+    assert len(uses) == 2
