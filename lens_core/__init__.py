@@ -17,7 +17,7 @@ from .vae.autoencoder import LensVAE
 from .vae.loader import load_vae
 
 __all__ = [
-    "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError", "LensPipeline", "LensVAE",
-    "PromptCache", "encode_prompts", "latent_to_tokens", "load_dit", "load_text_encoder", "load_tokenizer", "load_vae",
-    "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
+    "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError",
+    "LensPipeline", "LensVAE", "PromptCache", "encode_prompts", "latent_to_tokens", "load_dit", "load_text_encoder",
+    "load_tokenizer", "load_vae", "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
 ]
