@@ -128,3 +128,29 @@ def test_wrong_files_are_named(golden, tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"12345678{not json")
     with pytest.raises(LensFileError, match="not a valid safetensors|corrupt"):
         load_vae(tmp_path / "broken.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("widths,layers,latent,grid", [((32, 64, 64), 2, 8, (3, 5)), ((32, 32), 1, 4, (4, 2))])
+def test_matches_diffusers_flux2_vae_on_other_sizes(tmp_path, widths, layers, latent, grid):
+    """diffusers' AutoencoderKLFlux2 (the reference's VAE) on configs and grids the goldens do not cover."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(len(widths))
+    ref = AutoencoderKLFlux2(block_out_channels=widths, layers_per_block=layers, latent_channels=latent,
+                             down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths)).eval()
+    ref.bn.running_mean.normal_()
+    ref.bn.running_var.uniform_(0.5, 2.0)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    vae = load_vae(tmp_path, device="cpu")
+    h, w = grid
+    lens_latent = torch.randn(2, 4 * latent, h, w)
+    std = torch.sqrt(ref.bn.running_var + ref.bn.eps)
+    z = unfold(lens_latent * std.view(1, -1, 1, 1) + ref.bn.running_mean.view(1, -1, 1, 1))
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+        ours = vae.decode(lens_latent, clamp=False)
+        assert (ours - expected).abs().max() <= 1e-4
+        image = torch.rand(2, 3, h * vae.pixels_per_latent, w * vae.pixels_per_latent) * 2 - 1
+        mean = ref.encode(image).latent_dist.mean
+        expected_latent = (fold(mean) - ref.bn.running_mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        assert (vae.encode(image) - expected_latent).abs().max() <= 1e-4
