@@ -58,6 +58,22 @@ def test_foreign_tokenizer_is_refused(tmp_path):
         load_tokenizer(tmp_path / "tokenizer.json")
 
 
+def test_tokenizer_without_the_97_token_prefix_is_refused():
+    class SplitsDifferently:
+        """Knows the control tokens but merges text differently (e.g. another BPE vocabulary)."""
+
+        source = "other-bpe/tokenizer.json"
+
+        def __init__(self):
+            self.inner = load_tokenizer()
+
+        def encode(self, text):
+            return [i for token in self.inner.encode(text) for i in ([token] if token >= 199998 else [token, token])]
+
+    with pytest.raises(LensFileError, match="other-bpe/tokenizer.json: the Harmony prefix is .* Lens expects 97"):
+        render_and_tokenize(SplitsDifferently(), "a cat")
+
+
 def test_template_prefix_and_suffix():
     tokenizer = load_tokenizer()
     for date in ("2026-05-23", "1999-12-31"):

@@ -85,8 +85,14 @@ def test_bf16_file_close_to_fp32(tmp_path):
 
 
 def test_wrong_files_are_named(golden, tmp_path):
-    with pytest.raises(LensFileError, match="Lens denoiser.*not GPT-OSS"):
+    with pytest.raises(LensFileError, match="Lens denoiser.*not GPT-OSS.*belongs in the denoiser slot"):
         load_text_encoder(golden / "dit_tiny.safetensors", device="cpu")
+    with pytest.raises(LensFileError, match="FLUX.2 VAE.*not GPT-OSS.*belongs in the VAE slot"):
+        load_text_encoder(golden / "vae_tiny_ldm.safetensors", device="cpu")
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2), "model.embed_tokens.weight": torch.zeros(3, 2)},
+              str(tmp_path / "llama.safetensors"))
+    with pytest.raises(LensFileError, match="another family.*not GPT-OSS"):
+        load_text_encoder(tmp_path / "llama.safetensors", device="cpu")
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2), "model.layers.0.self_attn.q_norm.weight": torch.zeros(2),
                "model.embed_tokens.weight": torch.zeros(3, 2)}, str(tmp_path / "qwen3.safetensors"))
     with pytest.raises(LensFileError, match="Qwen3-style"):
