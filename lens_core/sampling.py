@@ -75,6 +75,16 @@ def _expand_batch(features: torch.Tensor, mask: torch.Tensor, batch: int) -> tup
     return features.expand(batch, *features.shape[1:]), mask.expand(batch, -1)
 
 
+def _check_features(dit, features: torch.Tensor, which: str) -> None:
+    """Refuse text features the denoiser cannot take, before the first step."""
+    cfg = dit.config
+    if features.ndim != 4 or features.shape[2:] != (cfg.text_layers, cfg.text_width):
+        raise LensInputError(
+            f"the {which} text features have shape {list(features.shape)}; this denoiser takes "
+            f"[B, S, {cfg.text_layers}, {cfg.text_width}] from the Lens text encoder (GPT-OSS-20B)."
+        )
+
+
 class Cancelled(Exception):
     """Raised inside `sample` when the caller's cancellation check says stop."""
 
@@ -115,6 +125,9 @@ def sample(
     if sigmas is None:
         full_steps = steps if denoise >= 1.0 else max(1, round(steps / max(denoise, 1e-6)))
         sigmas = schedule_sigmas(full_steps, h * 16, w * 16, shift)[-(steps + 1):] if denoise > 0 else torch.zeros(1)
+    _check_features(dit, cond[0], "positive")
+    if use_cfg:
+        _check_features(dit, uncond[0], "negative")
     cond = _expand_batch(*cond, batch)
     if use_cfg:
         uncond = _expand_batch(*uncond, batch)

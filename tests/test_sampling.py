@@ -105,6 +105,19 @@ def test_img2img_denoise(sampling_case):
     assert (light - init).norm() < (full - init).norm()
 
 
+def test_feature_width_mismatch_is_refused_before_any_step(sampling_case):
+    case, dit = sampling_case
+    calls = []
+    original = dit.forward
+    dit.forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        with pytest.raises(LensInputError, match=r"positive text features have shape \[1, 7, 4, 64\].*\[B, S, 4, 48\]"):
+            sample(dit, tokens_to_latent(case["noise"], (4, 6)), (torch.zeros(1, 7, 4, 64), torch.ones(1, 7, dtype=torch.bool)), None, 2, 1.0)
+    finally:
+        del dit.forward
+    assert calls == []
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"cfg": -1.0}, "cfg must be >= 0"),
     ({"denoise": 1.5}, "denoise must be between 0 and 1"),
