@@ -54,6 +54,18 @@ class LensModelLoader:
                                                                                  "no VRAM; slower, but prompts are cached on disk)."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, dit_name, text_encoder_name, vae_name, **_settings):
+        """Re-run when a file is replaced under the same name (its size or modification time changes)."""
+        fingerprint = []
+        for kind, name in (("diffusion_models", dit_name), ("text_encoders", text_encoder_name), ("vae", vae_name)):
+            try:
+                stat = Path(model_path(kind, name)).stat()
+                fingerprint.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+            except OSError:  # not there (yet): ComfyUI reports it when the loader runs
+                fingerprint.append(f"{name}:missing")
+        return "|".join(fingerprint)
+
     def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu"):
         device = compute_device()
         auto = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -215,3 +215,16 @@ def test_cached_prompt_does_not_move_the_encoder(models_dir, tmp_path, monkeypat
     assert torch.equal(first[0][0][0], second[0][0][0]) and torch.equal(first[1][0][0], second[1][0][0])
     encode.encode(te, "a new prompt", "")
     assert len(uses) == 2
+
+
+def test_loader_fingerprint_follows_the_files(models_dir):
+    loader = NODES["LensPackModelLoader"]
+    names = ("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors")
+    before = loader.IS_CHANGED(*names, variant="auto")
+    assert before == loader.IS_CHANGED(*names, variant="auto")
+    vae_file = models_dir / "vae" / "flux2-vae.safetensors"
+    import os
+    stat = vae_file.stat()
+    os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert loader.IS_CHANGED(*names, variant="auto") != before
+    assert "missing" in loader.IS_CHANGED("gone.safetensors", names[1], names[2])
