@@ -43,8 +43,9 @@ def _config_json(ckpt: Checkpoint) -> dict | None:
     return None
 
 
-def config_from(ckpt: Checkpoint, prefix: str) -> GptOssConfig:
-    """From config.json when present (either spelling of the RoPE and top-k fields), else from shapes."""
+def config_from(ckpt: Checkpoint, prefix: str, declared: dict | None) -> GptOssConfig:
+    """From config.json (`declared`, either spelling of the RoPE and top-k fields), else from shapes and
+    the GPT-OSS-20B constants."""
     def shape(name):
         return ckpt.shape(prefix + name)
 
@@ -59,7 +60,6 @@ def config_from(ckpt: Checkpoint, prefix: str) -> GptOssConfig:
         expert_hidden=ckpt.shape(_file_key(ckpt, prefix, "layers.0.mlp.gate_up_bias"))[1] // 2,
         layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)),
     )
-    declared = _config_json(ckpt)
     if declared is None:
         return GptOssConfig(**derived)
     rope = declared.get("rope_parameters") or {**(declared.get("rope_scaling") or {}), "rope_theta": declared.get("rope_theta")}
@@ -111,14 +111,12 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     device, dtype = resolve_compute(device, dtype, what="the Lens text encoder")
     ckpt = open_component(path, "text_encoder", "model")
     prefix = _prefix(ckpt)
-    cfg = config_from(ckpt, prefix)
+    declared = _config_json(ckpt)
+    cfg = config_from(ckpt, prefix, declared)
+    _check_layers(ckpt, prefix, cfg, declared)
     with torch.device("meta"):
         model = GptOssEncoder(cfg)
     file_key = {name: _file_key(ckpt, prefix, name) for name, _ in model.named_parameters()}
-    declared = _config_json(ckpt) or {}
-    missing_layers = [i for i in range(declared.get("num_hidden_layers", cfg.layers)) if prefix + f"layers.{i}.self_attn.sinks" not in ckpt]
-    if missing_layers:
-        raise LensFileError(f"{ckpt.name}: layers {missing_layers} are missing. Download every shard of the text encoder.")
     file_keys = set(ckpt.keys())
     check_against_checkpoint(model, [n for n in file_key if file_key[n] in file_keys], lambda n: ckpt.shape(file_key[n]), ckpt.name)
     fill_from_checkpoint(model, lambda n, d: ckpt.read(file_key[n], d), device, dtype, dtype_for={"embed_tokens.weight": None})
@@ -131,6 +129,18 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     model.source = ckpt.name
     model.identity = _identity(ckpt)
     return model
+
+
+def _check_layers(ckpt: Checkpoint, prefix: str, cfg: GptOssConfig, declared: dict | None) -> None:
+    """Every layer must be there: as many as config.json says, or GPT-OSS-20B's 24 for its width."""
+    if declared is not None:
+        expected = declared.get("num_hidden_layers", cfg.layers)
+    else:
+        expected = GptOssConfig().layers if cfg.hidden == GptOssConfig().hidden else cfg.layers
+    missing = [i for i in range(expected) if prefix + f"layers.{i}.self_attn.sinks" not in ckpt]
+    if missing:
+        raise LensFileError(f"{ckpt.name}: layers {missing} are missing. The file is incomplete (a missing shard?): "
+                            "download every file of the text encoder again.")
 
 
 def _check_bank(file_name: str, layer: int, bank, expected: tuple[int, int, int]) -> None:
