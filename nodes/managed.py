@@ -19,10 +19,8 @@ def _nbytes(model) -> int:
     """Bytes of a model's weights, packed expert banks included (what must fit on the GPU)."""
     module = getattr(model, "model", model)
     tensors = list(module.parameters()) + list(module.buffers())
-    for layer in getattr(module, "layers", []):
-        for bank in (getattr(layer.mlp, "gate_up", None), getattr(layer.mlp, "down", None)):
-            if bank is not None:
-                tensors += [t for t in vars(bank).values() if isinstance(t, torch.Tensor)]
+    for bank in module.expert_banks() if hasattr(module, "expert_banks") else []:
+        tensors += [t for t in vars(bank).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

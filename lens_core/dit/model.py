@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LensInputError
+from ..norms import RMSNorm
 from .rope import rope_frequencies, apply_rope
 
 
@@ -46,20 +47,6 @@ class DiTConfig:
             + d * self.out_channels + self.out_channels
         )
         return top + self.blocks * 2 * per_stream
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back (the weight multiplies in float32 too)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..norms import RMSNorm
+
 
 @dataclass(frozen=True)
 class GptOssConfig:
@@ -58,11 +60,6 @@ def yarn_inv_freq_and_scale(cfg: GptOssConfig) -> tuple[torch.Tensor, float]:
     keep_extrapolated = 1 - ramp
     inv_freq = interpolation * (1 - keep_extrapolated) + extrapolation * keep_extrapolated
     return inv_freq, 0.1 * math.log(cfg.rope_factor) + 1.0
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,16 +134,6 @@ class MoE(nn.Module):
         return out.to(x.dtype).view(x.shape)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: GptOssConfig):
         super().__init__()
@@ -177,13 +164,15 @@ class GptOssEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].self_attn.q_proj.weight.device
 
+    def expert_banks(self) -> list:
+        """The packed expert banks, which are not module parameters (the loader sets them)."""
+        return [bank for layer in self.layers for bank in (layer.mlp.gate_up, layer.mlp.down) if bank is not None]
+
     def move(self, device) -> "GptOssEncoder":
-        """Move the model and its packed expert banks (which are not module parameters)."""
+        """Move the model and its packed expert banks."""
         self.to(device)
-        for layer in self.layers:
-            for bank in (layer.mlp.gate_up, layer.mlp.down):
-                if bank is not None:
-                    bank.to(device)
+        for bank in self.expert_banks():
+            bank.to(device)
         return self
 
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
