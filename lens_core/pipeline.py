@@ -12,7 +12,7 @@ from PIL import Image
 from .dit.layout import tokens_to_latent
 from .errors import LensInputError
 from .presets import VARIANTS, size_warnings
-from .sampling import sample
+from .sampling import check_settings, sample
 from .text.prompt import FROZEN_DATE, encode_prompts
 
 log = logging.getLogger("lens_core")
@@ -79,10 +79,7 @@ class LensPipeline:
         defaults = VARIANTS[self.variant]
         steps = defaults.steps if steps is None else steps
         cfg = defaults.cfg if cfg is None else cfg
-        if not isinstance(steps, int) or steps < 1:
-            raise LensInputError(f"steps must be a whole number >= 1, got {steps!r}.")
-        if cfg < 0:
-            raise LensInputError(f"cfg must be >= 0, got {cfg}.")
+        check_settings(steps, cfg, denoise)
         if batch < 1:
             raise LensInputError(f"batch must be >= 1, got {batch}.")
         size_warnings(height, width)

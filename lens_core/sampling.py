@@ -37,13 +37,26 @@ def check_size(height: int, width: int) -> None:
         )
 
 
+def _check_steps(steps) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise LensInputError(f"steps must be a whole number >= 1, got {steps!r}.")
+
+
+def check_settings(steps: int, cfg: float, denoise: float = 1.0) -> None:
+    """Refuse sampler settings that cannot work, before any heavy work."""
+    _check_steps(steps)
+    if cfg < 0 or not math.isfinite(cfg):
+        raise LensInputError(f"cfg must be >= 0, got {cfg}.")
+    if not 0.0 <= denoise <= 1.0:
+        raise LensInputError(f"denoise must be between 0 and 1, got {denoise}.")
+
+
 def schedule_sigmas(steps: int, height: int, width: int, shift: float | None = None) -> torch.Tensor:
     """The N+1 float32 sigmas for N steps at height x width pixels (last one 0).
 
     shift: use this mu instead of the empirical rule (for experiments).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise LensInputError(f"steps must be a whole number >= 1, got {steps!r}.")
+    _check_steps(steps)
     check_size(height, width)
     mu = empirical_mu((height // 16) * (width // 16), steps) if shift is None else float(shift)
     base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
@@ -75,13 +88,13 @@ def _expand_batch(features: torch.Tensor, mask: torch.Tensor, batch: int) -> tup
     return features.expand(batch, *features.shape[1:]), mask.expand(batch, -1)
 
 
-def _check_features(dit, features: torch.Tensor, which: str) -> None:
+def check_text_features(dit, features: torch.Tensor, which: str) -> None:
     """Refuse text features the denoiser cannot take, before the first step."""
     cfg = dit.config
     if features.ndim != 4 or features.shape[2:] != (cfg.text_layers, cfg.text_width):
         raise LensInputError(
             f"the {which} text features have shape {list(features.shape)}; this denoiser takes "
-            f"[B, S, {cfg.text_layers}, {cfg.text_width}] from the Lens text encoder (GPT-OSS-20B)."
+            f"GPT-OSS features [B, S, {cfg.text_layers}, {cfg.text_width}] from the Lens text encoder (GPT-OSS-20B)."
         )
 
 
@@ -114,10 +127,7 @@ def sample(
     """
     if noise.ndim != 4 or noise.shape[1] != 128:
         raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; a Lens latent is [B, 128, H/16, W/16].")
-    if cfg < 0 or not math.isfinite(cfg):
-        raise LensInputError(f"cfg must be >= 0, got {cfg}.")
-    if not 0.0 <= denoise <= 1.0:
-        raise LensInputError(f"denoise must be between 0 and 1, got {denoise}.")
+    check_settings(steps, cfg, denoise)
     batch, _, h, w = noise.shape
     use_cfg = cfg != 1.0
     if use_cfg and uncond is None:
@@ -125,9 +135,9 @@ def sample(
     if sigmas is None:
         full_steps = steps if denoise >= 1.0 else max(1, round(steps / max(denoise, 1e-6)))
         sigmas = schedule_sigmas(full_steps, h * 16, w * 16, shift)[-(steps + 1):] if denoise > 0 else torch.zeros(1)
-    _check_features(dit, cond[0], "positive")
+    check_text_features(dit, cond[0], "positive")
     if use_cfg:
-        _check_features(dit, uncond[0], "negative")
+        check_text_features(dit, uncond[0], "negative")
     cond = _expand_batch(*cond, batch)
     if use_cfg:
         uncond = _expand_batch(*uncond, batch)

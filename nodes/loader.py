@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..lens_core import load_dit, load_text_encoder, load_tokenizer, load_vae
+from ..lens_core.device import resolve_compute
 from ..lens_core.presets import guess_variant
 from .comfy_bridge import compute_device, list_models, model_path
 from .managed import Managed
@@ -68,8 +69,7 @@ class LensModelLoader:
 
     def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu"):
         device = compute_device()
-        auto = torch.bfloat16 if device.type == "cuda" else torch.float32
-        dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[weight_dtype]
+        _, dtype = resolve_compute(device, None if weight_dtype == "auto" else weight_dtype, what="the Lens models")
         dit_path, te_path, vae_path = (model_path("diffusion_models", dit_name), model_path("text_encoders", text_encoder_name),
                                        model_path("vae", vae_name))
         dit = _load_once("dit", dit_path, dtype, lambda: load_dit(dit_path, device="cpu", dtype=dtype))

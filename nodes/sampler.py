@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..lens_core import sample
+from ..lens_core.sampling import check_text_features
 from ..lens_core.pipeline import check_variant_settings, make_noise
 from ..lens_core.vae.latent import latent_preview
 from .comfy_bridge import Progress, check_cancel, previews_enabled
@@ -40,9 +41,9 @@ def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
     layers = dit.config.text_layers
     cond = from_conditioning(positive, layers)
     uncond = from_conditioning(negative, layers) if negative is not None and cfg != 1.0 else None
-    if cond[0].shape[-1] != dit.config.text_width:
-        raise ValueError(f"the conditioning is {cond[0].shape[-1]} wide per layer but this Lens model expects {dit.config.text_width}: "
-                         "it is not GPT-OSS features from Lens Text Encode (CLIP/T5/Qwen conditionings do not fit Lens).")
+    check_text_features(dit, cond[0], "positive")
+    if uncond is not None:
+        check_text_features(dit, uncond[0], "negative")
     check_variant_settings(model.extras.get("variant", "lens"), steps, cfg)
     batch, _, h, w = samples.shape
     noise = make_noise(seed, batch, h * 16, w * 16)
