@@ -9,27 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dit.layout import tokens_to_latent
 from .errors import LensInputError
 from .presets import VARIANTS, size_warnings
-from .sampling import check_settings, sample
+from .sampling import check_settings, make_noise, sample
 from .text.prompt import FROZEN_DATE, encode_prompts
 
 log = logging.getLogger("lens_core")
-
-
-def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
-    """Starting noise [B, 128, H/16, W/16], drawn on the CPU so a seed gives the same image on any device.
-
-    Image i of a batch uses seed + i (so any image of a batch can be re-made alone). Each is drawn in
-    the reference's token order [L, 128], then laid out as a latent.
-    """
-    h, w = height // 16, width // 16
-    images = []
-    for i in range(batch):
-        generator = torch.Generator("cpu").manual_seed(int(seed) + i)
-        images.append(tokens_to_latent(torch.randn(1, h * w, 128, generator=generator), (h, w)))
-    return torch.cat(images)
 
 
 def check_variant_settings(variant: str, steps: int, cfg: float) -> list[str]:
@@ -89,7 +74,7 @@ class LensPipeline:
             init_latent = self.vae.encode(init_image).expand(batch, -1, -1, -1)
             height, width = init_latent.shape[-2] * 16, init_latent.shape[-1] * 16
         cond, uncond, _ = self.encode(prompt, None if cfg == 1.0 else negative)
-        noise = make_noise(seed, batch, height, width)
+        noise = make_noise(seed, (batch, self.dit.config.in_channels, height // 16, width // 16))
         latent = sample(self.dit, noise, cond, uncond, steps, cfg, denoise=denoise, init_latent=init_latent,
                         callback=callback, should_stop=should_stop)
         return latents_to_pil(self.vae.decode(latent))

@@ -72,6 +72,33 @@ def norm_rescaled_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float
     return comb * factor
 
 
+def make_noise(seed: int, shape: tuple[int, int, int, int], convention: str = "reference",
+               batch_index: list[int] | None = None) -> torch.Tensor:
+    """Starting noise [B, 128, h, w] in float32, always drawn on the CPU so a seed gives the same image on any device.
+
+    convention "reference" (LensPipeline, the command line): image i is drawn from seed + i in the
+    reference's token order [h*w, 128], so any image of a batch can be re-made alone.
+    convention "comfy" (the sampler nodes): ComfyUI's `prepare_noise`: one generator seeded with `seed`
+    draws the whole [B, 128, h, w] batch; with `batch_index` (a LATENT's "batch_index") image i gets the
+    batch_index[i]-th draw, so a native graph with the same seed starts from the same noise.
+    """
+    batch, channels, h, w = shape
+    seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds run up to 2**64 - 1
+    if convention == "comfy":
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if batch_index is None:
+            return torch.randn(shape, generator=generator)
+        draws = [torch.randn(1, channels, h, w, generator=generator) for _ in range(max(batch_index) + 1)]
+        return torch.cat([draws[i] for i in batch_index])
+    if convention != "reference":
+        raise LensInputError(f"unknown noise convention {convention!r}; use 'reference' or 'comfy'.")
+    images = []
+    for i in range(batch):
+        generator = torch.Generator("cpu").manual_seed((seed + i) & 0xFFFF_FFFF_FFFF_FFFF)
+        images.append(tokens_to_latent(torch.randn(1, h * w, channels, generator=generator), (h, w)))
+    return torch.cat(images)
+
+
 def _pad_text(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     extra = length - features.shape[1]
     if extra == 0:
@@ -86,6 +113,24 @@ def _expand_batch(features: torch.Tensor, mask: torch.Tensor, batch: int) -> tup
     if features.shape[0] != 1:
         raise LensInputError(f"conditioning has batch {features.shape[0]} but the latent has {batch}; use 1 or {batch} prompts.")
     return features.expand(batch, *features.shape[1:]), mask.expand(batch, -1)
+
+
+def _text_on_device(features: torch.Tensor, mask: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text features moved once to the denoiser's device and dtype; the mask only where a key is padded.
+
+    None for an all-real mask lets attention skip the mask (and keep its fastest kernel); deciding it
+    here, once per run, avoids a device-to-host sync in every forward.
+    """
+    mask = mask.bool()
+    return features.to(device, dtype), None if bool(mask.all()) else mask.to(device)
+
+
+def _join_masks(first: torch.Tensor | None, second: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The mask of two text batches run as one (None when neither has padding)."""
+    if first is None and second is None:
+        return None
+    full = torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return torch.cat([full if first is None else first, full if second is None else second])
 
 
 def check_text_features(dit, features: torch.Tensor, which: str) -> None:
@@ -124,6 +169,10 @@ def sample(
     denoise < 1 with `init_latent` is img2img: the run starts at the schedule's sigma for that strength.
     callback(step, total, x0_estimate [B,128,h,w]) is called after every step; should_stop() is polled
     before every step and raises `Cancelled` when it returns True.
+
+    Devices: the inputs may live anywhere; they are moved once to `dit.device`, where the whole loop
+    runs (state x and sigmas in float32, text in the denoiser's dtype). The x0 estimates handed to
+    `callback` and the returned latent (float32) live on `dit.device` too.
     """
     if noise.ndim != 4 or noise.shape[1] != 128:
         raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; a Lens latent is [B, 128, H/16, W/16].")
@@ -146,15 +195,19 @@ def sample(
         if cond[0].shape[2:] != uncond[0].shape[2:]:
             raise LensInputError("positive and negative conditioning come from different text encoders (feature shapes differ).")
 
-    x = latent_to_tokens(noise.float())
+    device, dtype = dit.device, dit.dtype
+    cond = _text_on_device(*cond, device, dtype)
+    uncond = _text_on_device(*uncond, device, dtype) if use_cfg else None
+    sigmas = sigmas.to(device, torch.float32)
+    x = latent_to_tokens(noise.to(device, torch.float32))
     if init_latent is not None and denoise < 1.0:
-        x = (1.0 - sigmas[0]) * latent_to_tokens(init_latent.float()) + sigmas[0] * x
+        x = (1.0 - sigmas[0]) * latent_to_tokens(init_latent.to(device, torch.float32)) + sigmas[0] * x
     total = len(sigmas) - 1
     for i in range(total):
         if should_stop is not None and should_stop():
             raise Cancelled()
         sigma = sigmas[i].expand(batch)
-        v = _velocity(dit, x, sigma, cond, uncond if use_cfg else None, cfg, (h, w), batch_cfg)
+        v = _velocity(dit, x, sigma, cond, uncond, cfg, (h, w), batch_cfg)
         x0 = x - sigmas[i] * v
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         if callback is not None:
@@ -167,7 +220,8 @@ def _velocity(dit, x, sigma, cond, uncond, cfg, grid, batch_cfg) -> torch.Tensor
     if uncond is None:
         return dit(x, sigma, cond[0], cond[1], grid).float()
     if batch_cfg:
-        v = dit(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]), grid).float()
+        mask = _join_masks(cond[1], uncond[1], cond[0])
+        v = dit(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond[0], uncond[0]]), mask, grid).float()
         v_cond, v_uncond = v.chunk(2)
     else:
         v_cond = dit(x, sigma, cond[0], cond[1], grid).float()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..lens_core.device import default_device
+
 try:
     import folder_paths
 except ImportError:
@@ -57,9 +59,17 @@ def model_path(kind: str, name: str) -> str:
 
 
 def compute_device() -> torch.device:
+    """Where the models compute: ComfyUI's choice inside ComfyUI (it honours --cpu, --directml, ...), else torch's best."""
     if model_management is not None:
         return model_management.get_torch_device()
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return default_device()
+
+
+def intermediate_device() -> torch.device:
+    """Where LATENT and CONDITIONING tensors live between nodes: ComfyUI's choice (the CPU unless --gpu-only)."""
+    if model_management is not None:
+        return model_management.intermediate_device()
+    return torch.device("cpu")
 
 
 def offload_device() -> torch.device:
@@ -97,6 +107,11 @@ class Progress:
 
     def __init__(self, total: int):
         self.bar = comfy_utils.ProgressBar(total) if comfy_utils is not None else None
+
+    @property
+    def shows_previews(self) -> bool:
+        """Whether a preview image would be seen: only then is an x0 estimate copied off the GPU and rendered."""
+        return self.bar is not None and previews_enabled()
 
     def update(self, step: int, total: int, preview_image=None) -> None:
         if self.bar is not None:

@@ -19,20 +19,37 @@ _prompt_cache = PromptCache()
 
 
 def to_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
-    """features [B, S, layers, C] + mask [B, S] -> [[tensor [B, S, layers*C], {"attention_mask": mask}]]."""
-    return [[features.flatten(2), {"attention_mask": mask.clone()}]]
+    """features [B, S, layers, C] + mask [B, S] -> one CONDITIONING entry exactly as native Lens writes it:
+    [B, S, layers*C] with {"attention_mask": int64 [B, S], "num_layers_stacked": layers, "pooled_output": None}."""
+    return [[features.flatten(2), {"attention_mask": mask.to(torch.int64), "num_layers_stacked": features.shape[2],
+                                   "pooled_output": None}]]
 
 
-def from_conditioning(conditioning: list, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first entry of a CONDITIONING as (features [B, S, layers, C], mask [B, S] bool)."""
+def from_conditioning(conditioning: list, layers: int, which: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
+    """A CONDITIONING (the pack's or native Lens's) as (features [B, S, layers, C], mask [B, S] bool).
+
+    Native's empty prompt (zero tokens) comes through as S = 0; the sampler pads it, which is the reference's
+    unconditional input. Features that are all zero (ConditioningZeroOut) are read as that same empty prompt:
+    their mask is cleared, as the reference's unconditional input has no real token.
+    """
     if not conditioning:
-        raise ValueError("empty conditioning: connect a Lens Text Encode (or ComfyUI's Lens text encoder) output.")
-    tensor, extras = conditioning[0][0], conditioning[0][1]
+        raise ValueError(f"the {which} conditioning is empty: connect a Lens Text Encode (or ComfyUI's Lens text encoder) output.")
+    if len(conditioning) > 1:
+        raise ValueError(f"the {which} conditioning has {len(conditioning)} entries (from Conditioning Combine or a similar node); "
+                         "the Lens samplers take one. Encode the prompts together in one Lens Text Encode instead.")
+    tensor, extras = conditioning[0]
     if tensor.ndim != 3 or tensor.shape[-1] % layers:
-        raise ValueError(f"this conditioning has shape {list(tensor.shape)}; Lens needs GPT-OSS features [B, S, {layers}x2880] "
+        raise ValueError(f"the {which} conditioning has shape {list(tensor.shape)}; Lens needs GPT-OSS features [B, S, {layers}x2880] "
                          "from Lens Text Encode (a CLIP/T5/Qwen conditioning will not work).")
     mask = extras.get("attention_mask")
-    mask = torch.ones(tensor.shape[:2], dtype=torch.bool) if mask is None else mask.bool().reshape(tensor.shape[:2])
+    if mask is None:
+        mask = torch.ones(tensor.shape[:2], dtype=torch.bool)
+    elif mask.numel() != tensor.shape[0] * tensor.shape[1]:
+        raise ValueError(f"the {which} conditioning's attention_mask has shape {list(mask.shape)} but its features have "
+                         f"{tensor.shape[1]} tokens (Conditioning Concat keeps one mask); encode the whole prompt in one Lens Text Encode.")
+    mask = mask.bool().reshape(tensor.shape[:2])
+    if tensor.shape[1] and not tensor.any():
+        mask = torch.zeros_like(mask)
     return tensor.unflatten(-1, (layers, -1)), mask
 
 
@@ -57,7 +74,8 @@ class LensTextEncode:
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")
-    OUTPUT_TOOLTIPS = ("Positive conditioning [B, S, 4x2880] + attention_mask.", "Negative conditioning (zeros, all masked, when empty).")
+    OUTPUT_TOOLTIPS = ("Positive conditioning [B, S, 4x2880] + attention_mask, as native Lens writes it.",
+                       "Negative conditioning; an empty negative has zero tokens, like native Lens's empty prompt.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -80,7 +98,6 @@ class LensTextEncode:
         if result.dropped_tokens[0]:
             log.warning("Lens Text Encode: the last %d tokens of the positive prompt did not fit the encoder's window and were cut.",
                         result.dropped_tokens[0])
-        positive_length = int(result.mask[0].sum()) if result.mask[0].any() else 1
-        negative_length = int(result.mask[1].sum()) if result.mask[1].any() else positive_length
+        positive_length, negative_length = (int(row.sum()) for row in result.mask)
         return (to_conditioning(result.features[:1, :positive_length], result.mask[:1, :positive_length]),
                 to_conditioning(result.features[1:, :negative_length], result.mask[1:, :negative_length]))

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..lens_core.presets import ASPECTS, bucket_size, size_warnings, snap_to_16
-from .comfy_bridge import model_management
+from .comfy_bridge import intermediate_device
 from .loader import CATEGORY
 
 log = logging.getLogger("lens_core")
@@ -28,7 +28,7 @@ class LensEmptyLatent:
             "aspect": (list(ASPECTS) + ["custom"], {"default": "1:1", "tooltip": "Width:height of a trained bucket, or custom to use width/height."}),
             "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip": "Custom width (multiple of 16; other values are snapped)."}),
             "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip": "Custom height (multiple of 16; other values are snapped)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run; image i uses seed + i."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run (the whole batch's noise comes from the one seed, as in ComfyUI)."}),
         }}
 
     def generate(self, base_resolution, aspect, width, height, batch_size):
@@ -40,6 +40,5 @@ class LensEmptyLatent:
             size_warnings(height, width)
         else:
             height, width = bucket_size(aspect, int(base_resolution))
-        device = model_management.intermediate_device() if model_management is not None else torch.device("cpu")
-        latent = torch.zeros(batch_size, 128, height // 16, width // 16, device=device)
+        latent = torch.zeros(batch_size, 128, height // 16, width // 16, device=intermediate_device())
         return ({"samples": latent}, width, height)

@@ -7,17 +7,19 @@ import logging
 import torch
 
 from ..lens_core import sample
-from ..lens_core.sampling import check_text_features
-from ..lens_core.pipeline import check_variant_settings, make_noise
+from ..lens_core.pipeline import check_variant_settings
+from ..lens_core.sampling import check_text_features, make_noise
 from ..lens_core.vae.latent import latent_preview
-from .comfy_bridge import Progress, check_cancel, previews_enabled
+from .comfy_bridge import Progress, check_cancel, intermediate_device
 from .encode import from_conditioning
 from .loader import CATEGORY
 
 log = logging.getLogger("lens_core")
 SEED_INPUT = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                      "tooltip": "Noise seed; noise is drawn on the CPU, so a seed gives the same image on any GPU. "
-                                 "Image i of a batch uses seed + i."})
+                      "tooltip": "Noise seed. Noise is drawn on the CPU exactly as ComfyUI's own samplers draw it, so a seed "
+                                 "gives the same image on any GPU and the same start as a native Lens graph."})
+LENS_CHANNELS = 128
+NATIVE_EMPTY_CHANNELS = (4, 16)  # EmptyLatentImage / EmptySD3LatentImage: all zeros at 1/8 of the pixel size
 
 
 def _preview(x0: torch.Tensor):
@@ -27,38 +29,49 @@ def _preview(x0: torch.Tensor):
     return Image.fromarray(rgb)
 
 
-def _check_latent(latent: dict) -> torch.Tensor:
+def check_latent(latent: dict) -> torch.Tensor:
     samples = latent["samples"]
-    if samples.ndim != 4 or samples.shape[1] != 128:
+    if samples.ndim != 4 or samples.shape[1] != LENS_CHANNELS:
         raise ValueError(f"this latent has {samples.shape[1] if samples.ndim == 4 else '?'} channels; Lens latents have 128. "
                          "Use Lens Empty Latent or Lens VAE Encode (SD/SDXL/FLUX latents cannot be used).")
     return samples
 
 
+def lens_latent(latent: dict) -> torch.Tensor:
+    """The LATENT's samples as a Lens latent. An all-zero latent from ComfyUI's EmptyLatentImage (4 channels at
+    1/8 of the pixel size) becomes the empty Lens latent of the same pixel size, as native samplers do."""
+    samples = latent["samples"]
+    if samples.ndim == 4 and samples.shape[1] in NATIVE_EMPTY_CHANNELS and not samples.any():
+        h, w = max(1, round(samples.shape[2] / 2)), max(1, round(samples.shape[3] / 2))
+        if (h * 2, w * 2) != tuple(samples.shape[2:]):
+            log.warning("Lens: an empty %dx%d latent is not a multiple of 16 pixels; using %dx%d",
+                        samples.shape[3] * 8, samples.shape[2] * 8, w * 16, h * 16)
+        return samples.new_zeros(samples.shape[0], LENS_CHANNELS, h, w)
+    return check_latent(latent)
+
+
 def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
-    samples = _check_latent(latent)
+    samples = lens_latent(latent)
     dit = model.model
     layers = dit.config.text_layers
-    cond = from_conditioning(positive, layers)
-    uncond = from_conditioning(negative, layers) if negative is not None and cfg != 1.0 else None
+    cond = from_conditioning(positive, layers, "positive")
+    uncond = from_conditioning(negative, layers, "negative") if negative is not None and cfg != 1.0 else None
     check_text_features(dit, cond[0], "positive")
     if uncond is not None:
         check_text_features(dit, uncond[0], "negative")
     check_variant_settings(model.extras.get("variant", "lens"), steps, cfg)
-    batch, _, h, w = samples.shape
-    noise = make_noise(seed, batch, h * 16, w * 16)
+    noise = make_noise(seed, tuple(samples.shape), convention="comfy", batch_index=latent.get("batch_index"))
     img2img = denoise < 1.0
     progress = Progress(steps)
-    show_previews = previews_enabled()
+    show_previews = progress.shows_previews
 
     def on_step(step, total, x0):
         progress.update(step, total, _preview(x0) if show_previews else None)
 
     with model.use() as dit_on_device:
         out = sample(dit_on_device, noise, cond, uncond, steps, cfg, denoise=denoise,
-                     init_latent=samples.float() if img2img else None, callback=on_step,
-                     should_stop=check_cancel)
-    return ({**latent, "samples": out.to(samples.device)},)
+                     init_latent=samples if img2img else None, callback=on_step, should_stop=check_cancel)
+    return ({**latent, "samples": out.to(intermediate_device())},)
 
 
 class _SamplerNode:
@@ -80,7 +93,8 @@ class LensSampler(_SamplerNode):
             "model": ("LENS_MODEL", {"tooltip": "From Lens Model Loader."}),
             "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode (or ComfyUI's native Lens encoder)."}),
             "negative": ("CONDITIONING", {"tooltip": "From Lens Text Encode; an empty negative is the reference unconditional input."}),
-            "latent": ("LATENT", {"tooltip": "From Lens Empty Latent, or Lens VAE Encode for img2img (with denoise < 1)."}),
+            "latent": ("LATENT", {"tooltip": "From Lens Empty Latent (or ComfyUI's Empty Latent Image), or Lens VAE Encode "
+                                             "for img2img (with denoise < 1)."}),
             "seed": SEED_INPUT,
             "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Lens: 20. Lens-Base: 50."}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Guidance scale; 1 skips the negative pass."}),
@@ -100,7 +114,7 @@ class LensTurboSampler(_SamplerNode):
         return {"required": {
             "model": ("LENS_MODEL", {"tooltip": "A Lens-Turbo model from Lens Model Loader (lens_turbo_*.safetensors)."}),
             "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode."}),
-            "latent": ("LATENT", {"tooltip": "From Lens Empty Latent."}),
+            "latent": ("LATENT", {"tooltip": "From Lens Empty Latent (or ComfyUI's Empty Latent Image)."}),
             "seed": SEED_INPUT,
             "steps": ("INT", {"default": 4, "min": 1, "max": 16, "tooltip": "Lens-Turbo is distilled for 4."}),
         }}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .loader import CATEGORY
-from .sampler import _check_latent
+from .comfy_bridge import intermediate_device
+from .sampler import check_latent
 
 
 class LensVAEDecode:
@@ -23,7 +24,7 @@ class LensVAEDecode:
         }}
 
     def decode(self, vae, samples, tiling="auto"):
-        latent = _check_latent(samples)
+        latent = check_latent(samples)
         with vae.use() as lens_vae:
             image = lens_vae.decode(latent, tile={"auto": None, "on": True, "off": False}[tiling])
         return (((image + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous(),)
@@ -47,4 +48,4 @@ class LensVAEEncode:
         image = pixels[..., :3].permute(0, 3, 1, 2) * 2.0 - 1.0
         with vae.use() as lens_vae:
             latent = lens_vae.encode(image)
-        return ({"samples": latent},)
+        return ({"samples": latent.to(intermediate_device())},)

@@ -32,8 +32,11 @@ def _rotate(x, cis):  # x [heads, L, 64]
     return torch.view_as_real(xc * cis).reshape(x.shape).float()
 
 
-def reference_forward(sd, x, sigma, text, mask, h, w, heads):
-    """One sample: x [h*w, 128], sigma float, text [S, layers, C], mask [S] bool."""
+def reference_forward(sd, x, sigma, text, mask, h, w, heads, every_block=True):
+    """One sample: x [h*w, 128], sigma float, text [S, layers, C], mask [S] bool.
+
+    every_block: mask padded text keys in every block (ComfyUI native); False: in the first block only
+    (the diffusers port)."""
     hidden = sd["img_in.weight"].shape[0]
     t = torch.tensor(float(sigma)) * 1000
     k = torch.arange(128, dtype=torch.float32)
@@ -66,7 +69,7 @@ def reference_forward(sd, x, sigma, text, mask, h, w, heads):
         v = torch.cat([vi, vt]).transpose(0, 1)
         q, kk = _rotate(q, cis), _rotate(kk, cis)
         logits = q @ kk.transpose(-1, -2) / 8.0
-        if b == 0:  # the reference masks padded text keys in the first block only
+        if every_block or b == 0:
             keep = torch.cat([torch.ones(h * w, dtype=torch.bool), mask])
             logits = logits.masked_fill(~keep, float("-inf"))
         out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(-1, hidden)

@@ -13,8 +13,8 @@ from model_files import TINY_DIT, random_dit_state, write_single
 from reference_dit import reference_forward
 
 
-def golden_cases(golden):
-    path = golden / "dit_tiny_cases.safetensors"
+def golden_cases(golden, file="dit_tiny_cases.safetensors"):
+    path = golden / file
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         grids = json.loads(f.metadata()["cases"])
@@ -24,13 +24,35 @@ def golden_cases(golden):
 
 @pytest.fixture(scope="module")
 def golden_dit(golden):
-    return load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.float32)
+    """The diffusers port's masking (first block only), which dit_tiny_cases was computed with."""
+    return load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.float32, text_mask="first_block")
 
 
 def test_golden_cases_token_layout(golden, golden_dit):
     for name, case, grid in golden_cases(golden):
         out = golden_dit(case["x"], case["sigma"], case["text"], case["mask"].bool(), grid)
         assert (out - case["out"]).abs().max() <= 1e-4, name
+
+
+def test_default_masks_every_block_like_native(golden, golden_dit):
+    """The default reproduces the port run with the mask handed to every block (ComfyUI native, musubi-tuner);
+    the two modes differ where text is padded (case0, case1) and agree where it is not (case2)."""
+    every = load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.float32)
+    assert every.text_mask == "every_block"
+    for name, case, grid in golden_cases(golden, "dit_tiny_everyblock_cases.safetensors"):
+        mask = case["mask"].bool()
+        out = every(case["x"], case["sigma"], case["text"], mask, grid)
+        assert (out - case["out"]).abs().max() <= 1e-4, name
+        first = golden_dit(case["x"], case["sigma"], case["text"], mask, grid)
+        if mask.all():
+            assert (out - first).abs().max() <= 1e-5, name
+        else:
+            assert (out - first).abs().max() > 0.1, name
+
+
+def test_unknown_mask_mode_is_refused(golden):
+    with pytest.raises(LensInputError, match="every_block, first_block"):
+        load_dit(golden / "dit_tiny.safetensors", device="cpu", text_mask="last_block")
 
 
 def test_golden_cases_through_latent_layout(golden, golden_dit):
@@ -47,7 +69,7 @@ def test_bf16_stays_close_to_fp32(golden, golden_dit):
 
     Measured on the golden cases: max abs error 0.045-0.083 (outputs up to ~5.6), relative L2 1.0-1.4%.
     """
-    dit16 = load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.bfloat16)
+    dit16 = load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.bfloat16, text_mask="first_block")
     for name, case, grid in golden_cases(golden):
         out16 = dit16(case["x"], case["sigma"], case["text"], case["mask"].bool(), grid).float()
         out32 = golden_dit(case["x"], case["sigma"].bfloat16().float(), case["text"], case["mask"].bool(), grid)
@@ -55,15 +77,16 @@ def test_bf16_stays_close_to_fp32(golden, golden_dit):
         assert (out16 - out32).norm() / out32.norm() <= 0.025, name
 
 
+@pytest.mark.parametrize("text_mask", ["every_block", "first_block"])
 @pytest.mark.parametrize("blocks,heads,grid,lengths", [
     (3, 3, (5, 4), [7, 3]),      # deeper and wider than the golden model, even/odd grid, padding
     (2, 2, (1, 9), [4]),          # a one-row grid
     (4, 1, (6, 6), [1, 5, 0]),    # three samples, one fully padded
 ])
-def test_matches_independent_reference(tmp_path, blocks, heads, grid, lengths):
+def test_matches_independent_reference(tmp_path, blocks, heads, grid, lengths, text_mask):
     cfg = TINY_DIT.__class__(hidden=64 * heads, heads=heads, blocks=blocks, mlp_hidden=int(64 * heads / 3 * 8), text_width=40, text_layers=4)
     state = random_dit_state(cfg, seed=blocks)
-    dit = load_dit(write_single(state, tmp_path / "dit.safetensors", dtype=torch.float32), device="cpu")
+    dit = load_dit(write_single(state, tmp_path / "dit.safetensors", dtype=torch.float32), device="cpu", text_mask=text_mask)
     h, w = grid
     b, s = len(lengths), max(lengths)
     torch.manual_seed(1)
@@ -73,7 +96,7 @@ def test_matches_independent_reference(tmp_path, blocks, heads, grid, lengths):
     text = torch.randn(b, s, 4, 40) * 3 * mask[..., None, None]
     out = dit(x, sigma, text, mask, grid)
     for i in range(b):
-        ref = reference_forward(state, x[i], sigma[i], text[i], mask[i], h, w, heads)
+        ref = reference_forward(state, x[i], sigma[i], text[i], mask[i], h, w, heads, every_block=text_mask == "every_block")
         assert (out[i] - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 

@@ -123,12 +123,71 @@ def test_workflow_runs_end_to_end(workflow, models_dir, tmp_path):
 
 
 def test_conditioning_is_native_layout(models_dir):
+    """Keys and dtypes as native Lens's encoder writes them, so native samplers take the pack's conditioning."""
     loader, encode = NODES["LensPackModelLoader"](), NODES["LensPackTextEncode"]()
     _, te, _ = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
     positive, negative = encode.encode(te, "a red fox", "")
+    assert len(positive) == 1 and len(negative) == 1
     tensor, extras = positive[0]
-    assert tensor.ndim == 3 and tensor.shape[-1] == 4 * 64 and extras["attention_mask"].shape == tensor.shape[:2]
-    assert negative[0][0].shape == tensor.shape and not negative[0][1]["attention_mask"].any() and (negative[0][0] == 0).all()
+    assert tensor.ndim == 3 and tensor.shape[-1] == 4 * 64 and tensor.dtype == torch.float32
+    assert set(extras) == {"attention_mask", "num_layers_stacked", "pooled_output"}
+    assert extras["attention_mask"].dtype == torch.int64 and extras["attention_mask"].shape == tensor.shape[:2]
+    assert extras["attention_mask"].all() and extras["num_layers_stacked"] == 4 and extras["pooled_output"] is None
+    empty, empty_extras = negative[0]
+    assert empty.shape == (1, 0, 4 * 64) and empty_extras["attention_mask"].shape == (1, 0)
+    assert empty_extras["attention_mask"].dtype == torch.int64
+
+
+def _sampled(model, positive, negative, latent=None, seed=3):
+    latent = latent or {"samples": torch.zeros(1, 128, 3, 4)}
+    return NODES["LensPackSampler"]().run(model, positive, negative, latent, seed, 2, 5.0, 1.0)[0]["samples"]
+
+
+def test_native_conditioning_and_latents_give_the_same_image(models_dir):
+    loader = NODES["LensPackModelLoader"]()
+    model, te, _ = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive, empty = NODES["LensPackTextEncode"]().encode(te, "a red fox", "")
+    features, extras = positive[0]
+    baseline = _sampled(model, positive, empty)
+    padded_empty = [[torch.zeros_like(features), {"attention_mask": torch.zeros(features.shape[:2], dtype=torch.int64)}]]
+    zeroed_out = [[torch.zeros_like(features), dict(extras)]]  # ConditioningZeroOut keeps the positive's mask
+    bool_mask = [[features, {"attention_mask": extras["attention_mask"].bool(), "some_other_key": 1}]]
+    assert torch.allclose(_sampled(model, positive, padded_empty), baseline, atol=1e-5)
+    assert torch.allclose(_sampled(model, positive, zeroed_out), baseline, atol=1e-5)
+    assert torch.allclose(_sampled(model, bool_mask, empty), baseline, atol=1e-5)
+    native_empty_latent = {"samples": torch.zeros(1, 4, 6, 8)}  # EmptyLatentImage at 64 x 48 pixels
+    assert torch.equal(_sampled(model, positive, empty, native_empty_latent), baseline)
+    assert not torch.equal(_sampled(model, positive, empty, seed=4), baseline)
+
+
+def test_sampler_noise_is_comfyui_noise(models_dir, monkeypatch):
+    """The sampler nodes start from exactly the noise ComfyUI's prepare_noise draws for the seed."""
+    sampler_module = __import__(pack.__name__ + ".nodes.sampler", fromlist=["x"])
+    started = []
+    monkeypatch.setattr(sampler_module, "sample", lambda dit, noise, *a, **k: started.append(noise) or noise)
+    model, _, _ = NODES["LensPackModelLoader"]().load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors",
+                                                      "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive = [[torch.randn(1, 3, 4 * 64), {"attention_mask": torch.ones(1, 3, dtype=torch.int64)}]]
+    NODES["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(2, 128, 3, 4)}, 2**64 - 1, 4)
+    NODES["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(2, 128, 3, 4), "batch_index": [3, 1]}, 42, 4)
+    torch.manual_seed(2**64 - 1)
+    assert torch.equal(started[0], torch.randn(2, 128, 3, 4))
+    torch.manual_seed(42)
+    draws = [torch.randn(1, 128, 3, 4) for _ in range(4)]
+    assert torch.equal(started[1], torch.cat([draws[3], draws[1]]))
+
+
+def test_conditioning_that_cannot_be_used_is_refused(models_dir):
+    model, te, _ = NODES["LensPackModelLoader"]().load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors",
+                                                       "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive, empty = NODES["LensPackTextEncode"]().encode(te, "a red fox", "")
+    with pytest.raises(ValueError, match="positive conditioning has 2 entries .*Conditioning Combine"):
+        _sampled(model, positive + positive, empty)
+    concatenated = [[torch.cat([positive[0][0]] * 2, dim=1), positive[0][1]]]
+    with pytest.raises(ValueError, match="attention_mask has shape \\[1, 25\\] but its features have 50 tokens"):
+        _sampled(model, concatenated, empty)
+    with pytest.raises(ValueError, match="Lens latents have 128"):
+        _sampled(model, positive, empty, {"samples": torch.ones(1, 4, 6, 8)})  # an SD latent with content
 
 
 def test_bad_inputs_give_messages(models_dir, caplog):
@@ -137,7 +196,7 @@ def test_bad_inputs_give_messages(models_dir, caplog):
         loader.load("../vae/flux2-vae.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
     model, te, vae = loader.load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
     positive, negative = NODES["LensPackTextEncode"]().encode(te, "x", "")
-    sdxl_latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    sdxl_latent = {"samples": torch.randn(1, 4, 8, 8)}
     with pytest.raises(ValueError, match="Lens latents have 128"):
         NODES["LensPackSampler"]().run(model, positive, negative, sdxl_latent, 0, 2, 5.0, 1.0)
     clip_cond = [[torch.zeros(1, 77, 768), {}]]
@@ -158,6 +217,8 @@ def test_progress_is_reported_every_step(models_dir, monkeypatch):
     seen = []
 
     class Recording(bridge.Progress):
+        shows_previews = True
+
         def update(self, step, total, preview_image=None):
             seen.append((step, total, preview_image.size))
 
@@ -186,7 +247,9 @@ def test_cancel_stops_sampling_promptly(models_dir, monkeypatch):
                 raise Interrupted()
 
         unet_offload_device = staticmethod(lambda: torch.device("cpu"))
+        intermediate_device = staticmethod(lambda: torch.device("cpu"))
         soft_empty_cache = staticmethod(lambda: None)
+        free_memory = staticmethod(lambda nbytes, device: None)
 
     loader = NODES["LensPackModelLoader"]()
     model, te, _ = loader.load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu")

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from lens_core import LensInputError
 from lens_core.cli import main
 from lens_core.demo import DEMO_VAE, demo_models, demo_vae
-from lens_core.pipeline import LensPipeline, check_variant_settings, make_noise
+from lens_core.pipeline import LensPipeline, check_variant_settings
 from lens_core.presets import BUCKETS, bucket_size, guess_variant, size_warnings
 from model_files import random_dit_state, write_single
 from te_files import hf_reference, write_comfy_nvfp4
@@ -41,13 +41,6 @@ def test_variant_guess_and_warnings():
     assert guess_variant("custom.safetensors", {"modelspec.title": "Lens-Turbo"}) == "turbo"
     assert check_variant_settings("turbo", 20, 5.0) and check_variant_settings("lens", 4, 1.0)
     assert not check_variant_settings("turbo", 4, 1.0) and not check_variant_settings("lens", 20, 5.0)
-
-
-def test_noise_is_per_seed_and_device_independent():
-    batch = make_noise(7, 3, 64, 96)
-    assert batch.shape == (3, 128, 4, 6)
-    assert torch.equal(batch[1:2], make_noise(8, 1, 64, 96))
-    assert not torch.equal(batch[0], batch[1])
 
 
 @pytest.fixture(scope="module")

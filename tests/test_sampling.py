@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from lens_core import load_dit, tokens_to_latent
 from lens_core.errors import LensInputError
-from lens_core.sampling import Cancelled, empirical_mu, norm_rescaled_cfg, sample, schedule_sigmas
+from lens_core.sampling import Cancelled, empirical_mu, make_noise, norm_rescaled_cfg, sample, schedule_sigmas
 
 
 def test_schedule_matches_reference_for_every_listed_size(golden):
@@ -54,7 +54,8 @@ def test_norm_rescaled_cfg():
 
 @pytest.fixture(scope="module")
 def sampling_case(golden):
-    return load_file(str(golden / "sampling_tiny_cases.safetensors")), load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.float32)
+    return load_file(str(golden / "sampling_tiny_cases.safetensors")), load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.float32,
+                                                                                   text_mask="first_block")
 
 
 @pytest.mark.parametrize("batch_cfg", [True, False])
@@ -128,3 +129,32 @@ def test_bad_sampling_inputs(sampling_case, kwargs, match):
     args = dict(steps=2, cfg=1.0) | kwargs
     with pytest.raises(LensInputError, match=match):
         sample(dit, tokens_to_latent(case["noise"], (4, 6)), (case["pos"], case["pos_mask"].bool()), None, **args)
+
+
+def test_reference_noise_is_drawn_per_image_in_token_order():
+    """LensPipeline / the command line: image i from seed + i, drawn as [h*w, 128] tokens (the reference's order)."""
+    batch = make_noise(7, (3, 128, 4, 6))
+    assert batch.shape == (3, 128, 4, 6) and batch.dtype == torch.float32
+    # token 0 holds the first 128 draws: channels 0..3 of position (0, 0)
+    assert batch[0, :4, 0, 0].tolist() == pytest.approx([-0.82013452, 0.39563116, 0.89890850, -1.38840389], abs=1e-7)
+    assert torch.equal(batch[1:2], make_noise(8, (1, 128, 4, 6)))
+    generator = torch.Generator().manual_seed(9)
+    assert torch.equal(batch[2:3], tokens_to_latent(torch.randn(1, 24, 128, generator=generator), (4, 6)))
+
+
+def test_comfy_noise_is_one_draw_for_the_whole_batch():
+    """The sampler nodes: ComfyUI's prepare_noise, one generator for [B, 128, h, w] in that order."""
+    batch = make_noise(7, (3, 128, 4, 6), convention="comfy")
+    # the first draws fill row 0 of channel 0 of image 0
+    assert batch[0, 0, 0, :4].tolist() == pytest.approx([-0.82013452, 0.39563116, 0.89890850, -1.38840389], abs=1e-7)
+    assert batch[2, 127, 3, 5].item() == pytest.approx(-1.24576068, abs=1e-7)
+    picked = make_noise(7, (2, 128, 4, 6), convention="comfy", batch_index=[2, 0])
+    assert torch.equal(picked, batch[[2, 0]])
+
+
+def test_seeds_run_up_to_two_to_the_64():
+    for convention in ("reference", "comfy"):
+        top = make_noise(2**64 - 1, (2, 128, 2, 2), convention=convention)
+        assert torch.isfinite(top).all() and not torch.equal(top, make_noise(2**64 - 2, (2, 128, 2, 2), convention=convention))
+    with pytest.raises(LensInputError, match="unknown noise convention"):
+        make_noise(0, (1, 128, 2, 2), convention="native")

@@ -108,11 +108,14 @@ def _swap_in_quantised(model: LensDiT, formats: dict[str, str], file_name: str) 
         setattr(parent, leaf, MXFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta"))
 
 
-def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LensDiT:
+def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             text_mask: str = "every_block") -> LensDiT:
     """Load a Lens denoiser from any published layout (see module docstring).
 
-    device: default CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU by
-    default; float16 is refused (the model overflows in fp16).
+    device: default the best accelerator (CUDA, XPU, MPS), else CPU. dtype: bfloat16 where the device
+    computes it natively, float32 elsewhere; float16 is refused (the model overflows in fp16).
+    text_mask: "every_block" (ComfyUI native, musubi-tuner; the default) or "first_block" (the diffusers
+    port, which the golden tensors come from); see `LensDiT`.
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens denoiser")
     ckpt = open_component(path, "transformer", "diffusion_pytorch_model")
@@ -120,7 +123,7 @@ def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, 
     cfg = config_from_checkpoint(ckpt, prefix)
     _check_config_json(ckpt, cfg)
     with torch.device("meta"):
-        model = LensDiT(cfg)
+        model = LensDiT(cfg, text_mask=text_mask)
     _swap_in_quantised(model, _quantised_linears(ckpt, prefix), ckpt.name)
     check_against_checkpoint(model, ckpt.keys(), ckpt.shape, ckpt.name, prefix)
     model = fill_from_checkpoint(model, ckpt.read, device, dtype, prefix)

@@ -18,6 +18,8 @@ from ..errors import LensInputError
 from ..norms import RMSNorm
 from .rope import rope_frequencies, apply_rope
 
+TEXT_MASK_MODES = ("every_block", "first_block")
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -172,12 +174,20 @@ class LensDiT(nn.Module):
     """`dit(x, sigma, text, text_mask, grid) -> velocity`, all in the token layout of lens_spec.md §3.
 
     x [B, h*w, 128] (row-major tokens), sigma [B], text [B, S, text_layers, text_width],
-    text_mask [B, S] bool (True = real token), grid = (h, w). Returns [B, h*w, 128].
+    text_mask [B, S] bool (True = real token) or None (no padded token), grid = (h, w).
+    Returns [B, h*w, 128] on the model's device, in its dtype; inputs may come from any device.
+
+    text_mask (the constructor's): "every_block" masks padded text keys in all blocks, like ComfyUI's
+    native Lens and musubi-tuner; "first_block" masks them in block 0 only, like the diffusers port
+    (whose goldens need it). The two agree whenever no text key is padded.
     """
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, text_mask: str = "every_block"):
         super().__init__()
+        if text_mask not in TEXT_MASK_MODES:
+            raise LensInputError(f"text_mask must be one of {', '.join(TEXT_MASK_MODES)}, got {text_mask!r}.")
         self.config = cfg
+        self.text_mask = text_mask
         self.img_in = nn.Linear(cfg.in_channels, cfg.hidden)
         self.txt_norm = nn.ModuleList([RMSNorm(cfg.text_width, 1e-5) for _ in range(cfg.text_layers)])
         self.txt_in = nn.Linear(cfg.text_layers * cfg.text_width, cfg.hidden)
@@ -208,7 +218,7 @@ class LensDiT(nn.Module):
                 f"text features have shape {tuple(text.shape)}; this denoiser expects "
                 f"[B, S, {cfg.text_layers}, {cfg.text_width}]. Use the Lens text encoder (GPT-OSS-20B) for this model."
             )
-        if text_mask.shape != text.shape[:2]:
+        if text_mask is not None and text_mask.shape != text.shape[:2]:
             raise LensInputError(f"text mask shape {tuple(text_mask.shape)} does not match text features {tuple(text.shape[:2])}.")
         if sigma.shape != (x.shape[0],) or text.shape[0] != x.shape[0]:
             raise LensInputError(
@@ -219,9 +229,10 @@ class LensDiT(nn.Module):
         self.check_inputs(x, sigma, text, text_mask, grid)
         dtype, device = self.dtype, self.device
         h, w = grid
+        if text_mask is not None and text_mask.device.type == "cpu" and bool(text_mask.all()):
+            text_mask = None  # free to check on the CPU; on a GPU it would sync, so callers pass None there
         x = x.to(device, dtype)
         text = text.to(device, dtype)
-        text_mask = text_mask.to(device, torch.bool)
         sigma = sigma.to(device)
 
         temb = self.time_text_embed.timestep_embedder(sigma, dtype)
@@ -229,19 +240,15 @@ class LensDiT(nn.Module):
         txt = self.txt_in(torch.cat([norm(text[:, :, i]) for i, norm in enumerate(self.txt_norm)], dim=-1))
 
         rope = rope_frequencies(h, w, text.shape[1], self.config.axes_dims, device)
-        key_bias = _key_bias(text_mask, h * w, dtype)
+        key_bias = None if text_mask is None else _key_bias(text_mask.to(device, torch.bool), h * w, dtype)
         for index, block in enumerate(self.transformer_blocks):
-            # The reference pipeline masks padded text keys in the first block only; from the second
-            # block on, padded text tokens take part in attention. Measured on the goldens: masking
-            # every block misses dit_tiny_cases case0/case1 by ~0.3-1.1, first-block-only matches to 6e-5.
-            img, txt = block(img, txt, temb, rope, key_bias if index == 0 else None)
+            masked = self.text_mask == "every_block" or index == 0
+            img, txt = block(img, txt, temb, rope, key_bias if masked else None)
         return self.proj_out(self.norm_out(img, temb))
 
 
-def _key_bias(text_mask: torch.Tensor, n_img: int, dtype: torch.dtype) -> torch.Tensor | None:
+def _key_bias(text_mask: torch.Tensor, n_img: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias [B, 1, 1, n_img + S]: -inf on padded text keys, none on image keys."""
-    if bool(text_mask.all()):
-        return None
     b = text_mask.shape[0]
     keep = torch.cat([torch.ones(b, n_img, dtype=torch.bool, device=text_mask.device), text_mask], dim=1)
     bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))

@@ -1,0 +1,143 @@
+"""The device rule, checked without a GPU.
+
+A model on the `meta` device behaves like one on CUDA for device mistakes: any CPU tensor that meets
+one of its tensors in an op fails ("Tensor on device cpu is not on the expected device meta"), just as
+"Expected all tensors to be on the same device ... cuda:0 and cpu" fails on a GPU.
+"""
+
+import pytest
+import torch
+
+from lens_core import LensDiT, LensInputError, sample
+from lens_core.demo import DEMO_DIT, DEMO_VAE
+from lens_core.device import default_device, resolve_compute
+from lens_core.vae.autoencoder import LensVAE
+from lens_core.vae.model import FluxVAEModel
+from pack import import_pack
+
+META = torch.device("meta")
+
+
+class MetaDenoiser:
+    """A stand-in denoiser that only exposes config, device, dtype and forward, as on an accelerator: it
+    checks that everything it is handed already lives on its device and answers with meta tensors."""
+
+    def __init__(self, config=DEMO_DIT):
+        self.config, self.device, self.dtype = config, META, torch.bfloat16
+        self.calls = []
+
+    def forward(self, x, sigma, text, text_mask, grid):
+        for name, t in (("x", x), ("sigma", sigma), ("text", text), ("text_mask", text_mask)):
+            assert t is None or t.device == META, f"{name} reached the denoiser on {t.device}"
+        assert text.dtype == self.dtype, "text features should be moved once, in the denoiser's dtype"
+        self.calls.append((x.shape[0], None if text_mask is None else tuple(text_mask.shape)))
+        return (x * 0.5).to(self.dtype)
+
+    __call__ = forward
+
+
+def cpu_conditioning(length=5, padded_to=None):
+    features = torch.randn(1, padded_to or length, DEMO_DIT.text_layers, DEMO_DIT.text_width)
+    mask = torch.arange(padded_to or length)[None] < length
+    return features, mask
+
+
+@pytest.mark.parametrize("steps,cfg,img2img", [(4, 1.0, False), (3, 5.0, False), (4, 5.0, True)], ids=["turbo", "cfg5", "img2img"])
+def test_sampler_state_lives_on_the_model_device(steps, cfg, img2img):
+    dit = MetaDenoiser()
+    noise = torch.randn(2, 128, 3, 4)
+    uncond = cpu_conditioning(0) if cfg != 1.0 else None
+    seen = []
+    out = sample(dit, noise, cpu_conditioning(5, padded_to=7), uncond, steps=steps, cfg=cfg,
+                 denoise=0.5 if img2img else 1.0, init_latent=torch.randn(2, 128, 3, 4) if img2img else None,
+                 callback=lambda step, total, x0: seen.append(x0.device))
+    assert out.device == META and out.shape == (2, 128, 3, 4) and out.dtype == torch.float32
+    assert seen == [META] * steps
+    expected_batch = 4 if cfg != 1.0 else 2
+    assert [call[0] for call in dit.calls] == [expected_batch] * steps
+
+
+def test_unpadded_text_reaches_the_model_without_a_mask():
+    """No padding, no mask: attention keeps its fastest kernel and no forward syncs on the mask."""
+    dit = MetaDenoiser()
+    sample(dit, torch.randn(1, 128, 2, 2), cpu_conditioning(6), None, steps=2, cfg=1.0)
+    assert [mask for _, mask in dit.calls] == [None, None]
+    sample(dit, torch.randn(1, 128, 2, 2), cpu_conditioning(6), cpu_conditioning(0), steps=1, cfg=5.0)
+    assert dit.calls[-1][1] == (2, 6)
+
+
+def test_real_denoiser_runs_on_its_device_from_cpu_inputs():
+    with META:
+        dit = LensDiT(DEMO_DIT)
+    features, mask = cpu_conditioning(3, padded_to=5)
+    for text_mask in (mask.expand(2, -1), None):
+        out = dit(torch.randn(2, 12, 128), torch.rand(2), features.expand(2, -1, -1, -1), text_mask, (3, 4))
+        assert out.device == META and out.shape == (2, 12, 128)
+
+
+def test_sampling_a_real_denoiser_on_its_device():
+    with META:
+        dit = LensDiT(DEMO_DIT)
+    out = sample(dit, torch.randn(1, 128, 2, 3), cpu_conditioning(4), cpu_conditioning(0), steps=2, cfg=4.0)
+    assert out.device == META
+
+
+def test_vae_work_happens_on_the_vae_device():
+    with META:
+        vae = LensVAE(FluxVAEModel(DEMO_VAE))
+    assert vae._decode_untiled(torch.randn(1, 128, 2, 3)).device == META
+    assert vae._encode_untiled(torch.rand(1, 3, 32, 48) * 2 - 1).device == META
+
+
+class MetaDenoiserModule(MetaDenoiser):
+    """The stand-in as the nodes hold it (they size models by their tensors and move them with .to)."""
+
+    def parameters(self):
+        return iter(())
+
+    buffers = parameters
+
+    def to(self, device):
+        return self
+
+
+def test_sampler_node_keeps_latents_where_comfyui_wants_them(monkeypatch):
+    pack = import_pack()
+    sampler = __import__(pack.__name__ + ".nodes.sampler", fromlist=["x"])
+    managed = __import__(pack.__name__ + ".nodes.managed", fromlist=["x"])
+    monkeypatch.setattr(sampler, "intermediate_device", lambda: META)  # as with ComfyUI's --gpu-only
+    model = managed.Managed(MetaDenoiserModule(), META, keep_loaded=True, extras={"variant": "lens"})
+    conditioning = [[torch.randn(1, 4, 4 * DEMO_DIT.text_width), {"attention_mask": torch.ones(1, 4, dtype=torch.int64)}]]
+    empty = [[torch.zeros(1, 0, 4 * DEMO_DIT.text_width), {"attention_mask": torch.zeros(1, 0, dtype=torch.int64)}]]
+    (latent,) = sampler.LensSampler().run(model, conditioning, empty, {"samples": torch.zeros(1, 128, 2, 2)}, 3, 2, 5.0, 1.0)
+    assert latent["samples"].device == META
+
+
+def test_default_device_order(monkeypatch):
+    import lens_core.device as device_module
+
+    available = {"cuda": False, "xpu": False, "mps": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available["cuda"])
+    monkeypatch.setattr(device_module, "_xpu_available", lambda: available["xpu"])
+    monkeypatch.setattr(device_module, "_mps_available", lambda: available["mps"])
+    assert default_device() == torch.device("cpu")
+    for kind in ("mps", "xpu", "cuda"):
+        available[kind] = True
+        assert default_device() == torch.device(kind)
+
+
+def test_dtype_defaults_follow_the_device(monkeypatch, caplog):
+    with caplog.at_level("INFO", logger="lens_core"):
+        assert resolve_compute("cpu", None, "the test model") == (torch.device("cpu"), torch.float32)
+    assert "the test model on cpu in float32 (auto: CPUs compute fp32" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_compute("cuda", None, "the test model") == (torch.device("cuda"), torch.float32)
+    with pytest.raises(LensInputError, match="cannot run in bf16 on cuda: Tesla T4 .* Use fp32"):
+        resolve_compute("cuda", "bf16", "the test model")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    assert resolve_compute("cuda", None, "the test model") == (torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(LensInputError, match="overflows in fp16"):
+        resolve_compute("cuda", "fp16", "the test model")
