@@ -66,7 +66,9 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         normed = self.norm(x)
-        q, k, v = (conv(normed).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        # Contiguous [B, 1, h*w, C]: a transposed view has a strided last dimension, which sends SDPA to its
+        # quadratic-memory math kernel on CPUs and GPUs alike (17 GB for a 2048x2048 decode).
+        q, k, v = (conv(normed).reshape(b, 1, c, h * w).transpose(-1, -2).contiguous() for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
