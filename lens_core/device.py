@@ -94,3 +94,20 @@ def resolve_compute(device, dtype, what: str) -> tuple[torch.device, torch.dtype
     elif dtype == torch.bfloat16 and not native_bf16 and device.type != "cpu":
         raise LensInputError(f"{what} cannot run in bf16 on {device}: {reason}. Use fp32 on this device (weight dtype fp32).")
     return device, dtype
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's weights, packed expert banks included (what it takes on its device)."""
+    module = getattr(model, "model", model)
+    tensors = list(module.parameters()) + list(module.buffers())
+    for bank in module.expert_banks() if hasattr(module, "expert_banks") else []:
+        tensors += [t for t in vars(bank).values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def describe(what: str, model, runs_on: torch.device | None = None) -> str:
+    """One line for the log: which model, how large, in which dtype, where it is and where it computes."""
+    size = model_bytes(model)
+    amount = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    place = f"on {model.device}" if runs_on is None or runs_on == model.device else f"held on {model.device}, runs on {runs_on}"
+    return f"{what}: {amount} of weights, {str(model.dtype).removeprefix('torch.')}, {place}"

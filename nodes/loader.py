@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from ..lens_core import load_dit, load_text_encoder, load_tokenizer, load_vae
-from ..lens_core.device import resolve_compute
+from ..lens_core.device import describe, resolve_compute
 from ..lens_core.presets import guess_variant
 from .comfy_bridge import compute_device, list_models, model_path
 from .managed import Managed
 
+log = logging.getLogger("lens_core")
 CATEGORY = "Lens"
-HF = "https://huggingface.co/Comfy-Org/Lens"
+HF = "https://huggingface.co/Comfy-Org/Lens/resolve/main"
 _cache: dict = {}
 
 
@@ -30,7 +32,7 @@ def _load_once(kind: str, path: str, dtype, loader):
 
 class LensModelLoader:
     DESCRIPTION = ("Loads the three Lens models. Files go in ComfyUI/models: the denoiser in diffusion_models/, "
-                   f"GPT-OSS-20B in text_encoders/, the FLUX.2 VAE in vae/. Download: {HF}")
+                   "GPT-OSS-20B in text_encoders/, the FLUX.2 VAE in vae/. Download: https://huggingface.co/Comfy-Org/Lens")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
@@ -41,14 +43,16 @@ class LensModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "dit_name": (list_models("diffusion_models"), {"tooltip": "The denoiser, in models/diffusion_models: lens_bf16 / lens_turbo_bf16 "
-                                                          f"(8.2 GB) or *_mxfp8 (5.5 GB) from {HF}/tree/main/split_files/diffusion_models"}),
+                                                          f"(8.2 GB) or *_mxfp8 (5.5 GB) from {HF}/diffusion_models/lens_bf16.safetensors"}),
             "text_encoder_name": (list_models("text_encoders"), {"tooltip": "GPT-OSS-20B, in models/text_encoders: gpt_oss_20b_nvfp4.safetensors "
-                                                                f"(13 GB) from {HF}/tree/main/split_files/text_encoders"}),
-            "vae_name": (list_models("vae"), {"tooltip": f"The FLUX.2 VAE, in models/vae: flux2-vae.safetensors from {HF}/tree/main/split_files/vae "
+                                                                f"(13 GB) from {HF}/text_encoders/gpt_oss_20b_nvfp4.safetensors"}),
+            "vae_name": (list_models("vae"), {"tooltip": f"The FLUX.2 VAE, in models/vae: flux2-vae.safetensors from {HF}/vae/flux2-vae.safetensors "
                                                          "(a FLUX.1 VAE will not work)"}),
             "variant": (["auto", "lens", "turbo", "base"], {"default": "auto", "tooltip": "auto: from the file name ('turbo' in it = Lens-Turbo). "
                                                                                            "The weights alone cannot tell."}),
-            "weight_dtype": (["auto", "bf16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on GPUs, fp32 on CPUs. fp16 is not offered: Lens overflows in fp16."}),
+            "weight_dtype": (["auto", "bf16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on GPUs that compute it (NVIDIA RTX 30xx / A100 "
+                                                                                     "and newer, Intel XPU, Apple M-series on macOS 14+), fp32 elsewhere. "
+                                                                                     "fp16 is not offered: Lens overflows in fp16."}),
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
                                                                      "Off: each model moves to the GPU only while it runs."}),
             "text_encoder_device": (["gpu", "cpu"], {"default": "gpu", "tooltip": "cpu: run GPT-OSS-20B on the CPU (~14 GB of RAM, "
@@ -80,6 +84,10 @@ class LensModelLoader:
             raise ValueError(f"{text_encoder_name} gives {encoder.config.hidden}-wide features but {dit_name} expects "
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")
         resolved = guess_variant(dit_name, dit.file_metadata) if variant == "auto" else variant
+        encoder_device = torch.device("cpu") if text_encoder_device == "cpu" else device
+        for what, model, runs_on in ((f"denoiser {dit_name} ({resolved})", dit, device),
+                                     (f"text encoder {text_encoder_name}", encoder, encoder_device), (f"VAE {vae_name}", vae, device)):
+            log.info("Lens Model Loader: %s", describe(what, model, runs_on))
         return (Managed(dit, device, keep_loaded, {"variant": resolved, "name": dit_name}),
-                Managed(encoder, torch.device("cpu") if text_encoder_device == "cpu" else device, keep_loaded, {"tokenizer": tokenizer}),
+                Managed(encoder, encoder_device, keep_loaded, {"tokenizer": tokenizer}),
                 Managed(vae, device, keep_loaded))

@@ -12,16 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..lens_core.device import model_bytes
 from .comfy_bridge import compute_device, free_memory_for, offload_device, release_memory
-
-
-def _nbytes(model) -> int:
-    """Bytes of a model's weights, packed expert banks included (what must fit on the GPU)."""
-    module = getattr(model, "model", model)
-    tensors = list(module.parameters()) + list(module.buffers())
-    for bank in module.expert_banks() if hasattr(module, "expert_banks") else []:
-        tensors += [t for t in vars(bank).values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _move(model, device) -> None:
@@ -43,7 +35,7 @@ class Managed:
     @contextmanager
     def use(self):
         if self.device.type != "cpu":
-            free_memory_for(_nbytes(self.model), self.device)
+            free_memory_for(model_bytes(self.model), self.device)
         _move(self.model, self.device)
         try:
             yield self.model

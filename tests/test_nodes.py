@@ -33,7 +33,21 @@ def test_every_node_is_documented():
 def test_loader_tooltips_say_where_files_go():
     tips = {k: v[1]["tooltip"] for k, v in NODES["LensPackModelLoader"].INPUT_TYPES()["required"].items() if k.endswith("_name")}
     assert "models/diffusion_models" in tips["dit_name"] and "models/text_encoders" in tips["text_encoder_name"]
-    assert "models/vae" in tips["vae_name"] and all("huggingface.co/Comfy-Org/Lens" in t for t in tips.values())
+    assert "models/vae" in tips["vae_name"] and all("https://huggingface.co/Comfy-Org/Lens/resolve/main/" in t for t in tips.values())
+
+
+def test_every_download_link_has_the_comfy_org_layout():
+    """Comfy-Org/Lens keeps its files at resolve/main/<folder>/<file> (no split_files/)."""
+    import re
+
+    pattern = re.compile(r"https://huggingface\.co/Comfy-Org/Lens/[^\s\"')]*")
+    loader = NODES["LensPackModelLoader"]
+    tooltips = [options["tooltip"] for _, (_, options) in loader.INPUT_TYPES()["required"].items()]
+    texts = [p.read_text() for p in [ROOT / "README.md", *WORKFLOWS]] + tooltips + [loader.DESCRIPTION]
+    links = [link for text in texts for link in pattern.findall(text)]
+    assert links and not any("split_files" in link for link in links)
+    for link in links:
+        assert re.fullmatch(r"https://huggingface\.co/Comfy-Org/Lens(/resolve/main/(diffusion_models|text_encoders|vae)/[\w.-]+\.safetensors)?", link), link
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +117,8 @@ def test_workflow_matches_definitions(workflow):
     for link_id, src, _, dst, _, _ in data["links"]:
         assert src in ids and dst in ids
     loaders = [n for n in data["nodes"] if n["type"] == "LensPackModelLoader"]
-    assert loaders and all(m["url"].startswith("https://huggingface.co/Comfy-Org/Lens/") for m in loaders[0]["properties"]["models"])
+    models = loaders[0]["properties"]["models"] if loaders else []
+    assert models and all(m["url"] == f"https://huggingface.co/Comfy-Org/Lens/resolve/main/{m['directory']}/{m['name']}" for m in models)
     assert data["groups"] and any(n["type"] == "Note" for n in data["nodes"])
 
 
@@ -291,3 +306,13 @@ def test_loader_fingerprint_follows_the_files(models_dir):
     os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert loader.IS_CHANGED(*names, variant="auto") != before
     assert "missing" in loader.IS_CHANGED("gone.safetensors", names[1], names[2])
+
+
+def test_loader_logs_device_dtype_and_sizes(models_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="lens_core"):
+        NODES["LensPackModelLoader"]().load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors",
+                                            "auto", "auto", False, "cpu")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Lens Model Loader:")]
+    assert len(lines) == 3
+    assert lines[0].startswith("Lens Model Loader: denoiser lens_turbo_bf16.safetensors (turbo): ") and "MB of weights, float32, on cpu" in lines[0]
+    assert "the Lens models on cpu in float32 (auto: CPUs compute fp32" in caplog.text
