@@ -8,7 +8,7 @@ from .dit.loader import load_dit
 from .dit.model import DiTConfig, LensDiT
 from .errors import LensError, LensFileError, LensInputError
 from .pipeline import LensPipeline
-from .sampling import Cancelled, sample, schedule_sigmas
+from .sampling import Cancelled, make_noise, sample, schedule_sigmas
 from .text.cache import PromptCache
 from .text.loader import load_text_encoder
 from .text.prompt import EncodedPrompts, encode_prompts, render_and_tokenize
@@ -19,5 +19,5 @@ from .vae.loader import load_vae
 __all__ = [
     "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError",
     "LensPipeline", "LensVAE", "PromptCache", "encode_prompts", "latent_to_tokens", "load_dit", "load_text_encoder",
-    "load_tokenizer", "load_vae", "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
+    "load_tokenizer", "load_vae", "make_noise", "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
 ]

@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import LensError
-from .presets import ASPECTS, VARIANTS, bucket_size, guess_variant
+from .device import describe
+from .errors import LensError, LensInputError
+from .presets import ASPECTS, VARIANTS, bucket_size, check_in_range, guess_variant
+from .sampling import check_size
+from .text.prompt import template_date
+
+DEMO_SIZE = (256, 256)
 
 
 def _progress(step: int, total: int, _x0) -> None:
@@ -36,25 +42,72 @@ def _save(images, out: Path, settings: dict) -> list[Path]:
     return paths
 
 
+def _int_arg(text: str) -> int:
+    """Any whole number (range checks come later, with the same messages as the nodes)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _size(args) -> tuple[int, int]:
-    if args.width or args.height:
-        if not (args.width and args.height):
-            raise LensError("give both --width and --height, or --aspect.")
+    """(height, width): custom --width/--height, else the --aspect/--base bucket; the demo's own default is 256x256."""
+    if args.width is not None or args.height is not None:
+        if args.width is None or args.height is None:
+            raise LensInputError("give both --width and --height, or --aspect.")
+        check_in_range("width", args.width)
+        check_in_range("height", args.height)
+        check_size(args.height, args.width)
         return args.height, args.width
-    return bucket_size(args.aspect, args.base)
+    if args.command == "demo" and args.aspect is None and args.base is None:
+        return DEMO_SIZE
+    return bucket_size(args.aspect or "1:1", args.base or 1024)
+
+
+def _check_model_path(path: Path, flag: str, what: str) -> None:
+    if not path.exists():
+        raise LensInputError(f"{flag} {path}: no such file or folder (expected {what}).")
+
+
+def _check_output(out: Path) -> None:
+    """The PNG can be written: a .png name, not a folder, inside a folder that exists or can be made."""
+    if out.is_dir():
+        raise LensInputError(f"--out {out} is a folder; give a file name such as {out / 'lens.png'}.")
+    if out.suffix.lower() != ".png":
+        raise LensInputError(f"--out {out}: give a .png file name (the settings are stored in PNG text chunks).")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise LensInputError(f"--out {out}: cannot write into {existing}.")
+
+
+def validate(args) -> tuple[int, int]:
+    """Check every input before anything is loaded or written; returns (height, width)."""
+    for name in ("steps", "cfg"):
+        if getattr(args, name) is not None:
+            check_in_range(name, getattr(args, name))
+    check_in_range("seed", args.seed)
+    check_in_range("batch", args.batch)
+    size = _size(args)
+    _check_output(args.out)
+    if args.command == "generate":
+        _check_model_path(args.dit, "--dit", "a Lens denoiser: lens_bf16.safetensors, *_mxfp8, or a transformer/ folder")
+        _check_model_path(args.text_encoder, "--text-encoder", "gpt_oss_20b_nvfp4.safetensors or a text_encoder/ folder")
+        _check_model_path(args.vae, "--vae", "flux2-vae.safetensors, ae.safetensors or a vae/ folder")
+        template_date(args.date)
+    return size
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="a lighthouse on a cliff at sunset, oil painting")
     p.add_argument("--negative", default="", help="negative prompt (ignored at cfg 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="default: the variant's (Base 50, Lens 20, Turbo 4)")
+    p.add_argument("--seed", type=_int_arg, default=0, help="0 .. 2^64-1; image i of a batch uses seed + i")
+    p.add_argument("--steps", type=_int_arg, help="default: the variant's (Base 50, Lens 20, Turbo 4)")
     p.add_argument("--cfg", type=float, help="default: the variant's (5.0, or 1.0 for Turbo)")
-    p.add_argument("--aspect", choices=ASPECTS, default="1:1", help="trained bucket (width:height)")
-    p.add_argument("--base", type=int, choices=(1024, 1440), default=1024, help="bucket base resolution")
-    p.add_argument("--width", type=int, help="custom width (multiple of 16); overrides --aspect")
-    p.add_argument("--height", type=int, help="custom height (multiple of 16)")
-    p.add_argument("--batch", type=int, default=1, help="images per run (seeds seed, seed+1, ...)")
+    p.add_argument("--aspect", choices=ASPECTS, help="trained bucket (width:height), default 1:1")
+    p.add_argument("--base", type=int, choices=(1024, 1440), help="bucket base resolution, default 1024")
+    p.add_argument("--width", type=_int_arg, help="custom width (multiple of 16); overrides --aspect")
+    p.add_argument("--height", type=_int_arg, help="custom height (multiple of 16)")
+    p.add_argument("--batch", type=_int_arg, default=1, help="images per run (seeds seed, seed+1, ...)")
     p.add_argument("--out", type=Path, required=True, help="output PNG path")
 
 
@@ -69,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     gen.add_argument("--date", default="frozen", help="template date: frozen (2026-05-23, default), today, or YYYY-MM-DD")
     _add_sampling_args(gen)
-    demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (no weights needed)")
+    demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (no weights needed); "
+                                        f"{DEMO_SIZE[1]}x{DEMO_SIZE[0]} unless --aspect, --base or --width/--height say otherwise")
     _add_sampling_args(demo)
-    demo.set_defaults(width=256, height=256, steps=4, cfg=5.0)
+    demo.set_defaults(steps=4, cfg=5.0)
     return parser
 
 
@@ -90,27 +144,29 @@ def _run(args) -> int:
     from .text.cache import PromptCache
 
     started = time.time()
-    height, width = _size(args)
+    height, width = validate(args)
     if args.command == "demo":
         from .demo import demo_models
 
         print("building tiny random models (demo: the image is noise, the pipeline is real)", file=sys.stderr)
         dit, encoder, tokenizer, vae = demo_models()
         pipe, model_name = LensPipeline(dit, encoder, tokenizer, vae, variant="lens"), "demo (random)"
+        for what, model in (("denoiser", dit), ("text encoder", encoder), ("VAE", vae)):
+            print(describe(what, model), file=sys.stderr)
     else:
         from . import load_dit, load_text_encoder, load_tokenizer, load_vae
 
-        print(f"loading {args.dit}", file=sys.stderr)
         dit = load_dit(args.dit, device=args.device)
+        print(describe(f"denoiser {args.dit}", dit), file=sys.stderr)
         variant = guess_variant(str(args.dit), dit.file_metadata) if args.variant == "auto" else args.variant
-        print(f"loading {args.text_encoder}", file=sys.stderr)
         encoder = load_text_encoder(args.text_encoder, device=args.device)
         tokenizer = load_tokenizer(args.text_encoder)
-        print(f"loading {args.vae}", file=sys.stderr)
+        print(describe(f"text encoder {args.text_encoder}", encoder), file=sys.stderr)
         vae = load_vae(args.vae, device=args.device)
+        print(describe(f"VAE {args.vae}", vae), file=sys.stderr)
         pipe = LensPipeline(dit, encoder, tokenizer, vae, variant=variant, prompt_cache=PromptCache(), date=args.date)
         model_name = f"{VARIANTS[variant].name} ({Path(args.dit).name})"
-    steps = args.steps or VARIANTS[pipe.variant].steps
+    steps = VARIANTS[pipe.variant].steps if args.steps is None else args.steps
     cfg = VARIANTS[pipe.variant].cfg if args.cfg is None else args.cfg
     images = pipe(args.prompt, args.negative, steps=steps, cfg=cfg, seed=args.seed, height=height, width=width,
                   batch=args.batch, callback=_progress)

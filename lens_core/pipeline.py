@@ -10,24 +10,11 @@ import torch
 from PIL import Image
 
 from .errors import LensInputError
-from .presets import VARIANTS, size_warnings
+from .presets import VARIANTS, check_variant_settings, size_warnings
 from .sampling import check_settings, make_noise, sample
 from .text.prompt import FROZEN_DATE, encode_prompts
 
 log = logging.getLogger("lens_core")
-
-
-def check_variant_settings(variant: str, steps: int, cfg: float) -> list[str]:
-    """Warn about settings that do not fit the model variant (a distilled Turbo with CFG, and so on)."""
-    warnings = []
-    if variant == "turbo" and (cfg != 1.0 or steps > 8):
-        warnings.append(f"Lens-Turbo is distilled for 4 steps at CFG 1; steps={steps}, cfg={cfg} will over-cook the image.")
-    if variant in ("lens", "base") and steps <= 8 and cfg == 1.0:
-        warnings.append(f"{VARIANTS[variant].name} is not distilled: {steps} steps at CFG 1 gives a blurry image; "
-                        f"use {VARIANTS[variant].steps} steps at CFG {VARIANTS[variant].cfg} or load a Turbo model.")
-    for text in warnings:
-        log.warning("Lens: %s", text)
-    return warnings
 
 
 def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -34,6 +34,24 @@ BUCKETS = {
 }
 MAX_TRAINED_PIXELS = 1440 * 1440
 
+# The ranges the nodes' widgets offer and the command line accepts (one table, one message for both).
+LIMITS = {
+    "steps": (1, 200),
+    "cfg": (0.0, 20.0),
+    "seed": (0, 2**64 - 1),
+    "width": (16, 4096),
+    "height": (16, 4096),
+    "batch": (1, 64),
+    "denoise": (0.0, 1.0),
+}
+
+
+def check_in_range(name: str, value) -> None:
+    """Refuse a setting outside LIMITS with a message naming the setting, the range and the value."""
+    low, high = LIMITS[name]
+    if not low <= value <= high:
+        raise LensInputError(f"{name} must be between {low} and {high}, got {value}.")
+
 
 def guess_variant(file_name: str, metadata: dict | None = None) -> str:
     """"turbo" / "base" / "lens" from a DiT's file name or safetensors metadata (the weights can't tell)."""
@@ -43,6 +61,19 @@ def guess_variant(file_name: str, metadata: dict | None = None) -> str:
     if "lens-base" in text or "lens_base" in text or "base" in file_name.lower().rsplit("/", 1)[-1]:
         return "base"
     return "lens"
+
+
+def check_variant_settings(variant: str, steps: int, cfg: float) -> list[str]:
+    """Warn about settings that do not fit the model variant (a distilled Turbo with CFG, and so on)."""
+    warnings = []
+    if variant == "turbo" and (cfg != 1.0 or steps > 8):
+        warnings.append(f"Lens-Turbo is distilled for 4 steps at CFG 1; steps={steps}, cfg={cfg} will over-cook the image.")
+    if variant in ("lens", "base") and steps <= 8 and cfg == 1.0:
+        warnings.append(f"{VARIANTS[variant].name} is not distilled: {steps} steps at CFG 1 gives a blurry image; "
+                        f"use {VARIANTS[variant].steps} steps at CFG {VARIANTS[variant].cfg} or load a Turbo model.")
+    for text in warnings:
+        log.warning("Lens: %s", text)
+    return warnings
 
 
 def bucket_size(aspect: str, base: int = 1024) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..lens_core import sample
-from ..lens_core.pipeline import check_variant_settings
+from ..lens_core.presets import LIMITS, check_variant_settings
 from ..lens_core.sampling import check_text_features, make_noise
 from ..lens_core.vae.latent import latent_preview
 from .comfy_bridge import Progress, check_cancel, intermediate_device
@@ -15,7 +15,7 @@ from .encode import from_conditioning
 from .loader import CATEGORY
 
 log = logging.getLogger("lens_core")
-SEED_INPUT = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+SEED_INPUT = ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1], "control_after_generate": True,
                       "tooltip": "Noise seed. Noise is drawn on the CPU exactly as ComfyUI's own samplers draw it, so a seed "
                                  "gives the same image on any GPU and the same start as a native Lens graph."})
 LENS_CHANNELS = 128
@@ -96,9 +96,9 @@ class LensSampler(_SamplerNode):
             "latent": ("LATENT", {"tooltip": "From Lens Empty Latent (or ComfyUI's Empty Latent Image), or Lens VAE Encode "
                                              "for img2img (with denoise < 1)."}),
             "seed": SEED_INPUT,
-            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Lens: 20. Lens-Base: 50."}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Guidance scale; 1 skips the negative pass."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1 = text-to-image; below 1 keeps that much "
+            "steps": ("INT", {"default": 20, "min": LIMITS["steps"][0], "max": LIMITS["steps"][1], "tooltip": "Lens: 20. Lens-Base: 50."}),
+            "cfg": ("FLOAT", {"default": 5.0, "min": LIMITS["cfg"][0], "max": LIMITS["cfg"][1], "step": 0.1, "tooltip": "Guidance scale; 1 skips the negative pass."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": LIMITS["denoise"][0], "max": LIMITS["denoise"][1], "step": 0.01, "tooltip": "1 = text-to-image; below 1 keeps that much "
                                                                                                  "of the input latent (img2img)."}),
         }}
 

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from lens_core import LensInputError
 from lens_core.cli import main
 from lens_core.demo import DEMO_VAE, demo_models, demo_vae
-from lens_core.pipeline import LensPipeline, check_variant_settings
-from lens_core.presets import BUCKETS, bucket_size, guess_variant, size_warnings
+from lens_core.pipeline import LensPipeline
+from lens_core.presets import BUCKETS, bucket_size, check_variant_settings, guess_variant, size_warnings
 from model_files import random_dit_state, write_single
 from te_files import hf_reference, write_comfy_nvfp4
 
@@ -108,6 +108,28 @@ def test_generate_command_end_to_end(model_files, tmp_path):
 
 
 def test_generate_command_reports_wrong_file(model_files, tmp_path, capsys):
-    args = ["generate", "--dit", str(model_files / "flux2-vae.safetensors"), "--text-encoder", "x", "--vae", "y", "--out", str(tmp_path / "o.png")]
+    args = ["generate", "--dit", str(model_files / "flux2-vae.safetensors"), "--text-encoder", str(model_files / "gpt_oss_20b_nvfp4.safetensors"),
+            "--vae", str(model_files / "flux2-vae.safetensors"), "--out", str(tmp_path / "o.png")]
     assert main(args) == 2
     assert "not a Lens denoiser" in capsys.readouterr().err
+
+
+def test_readme_python_snippet_runs_as_written(model_files, tmp_path):
+    """The README's Python API block, unchanged, in a folder holding tiny files under the Comfy-Org names."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from pack import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    (snippet,) = re.findall(r"## Python API.*?```python\n(.*?)```", readme, flags=re.S)
+    for f in model_files.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "snippet.py").write_text(snippet + "\nprint(tuple(image.shape), float(image.min()) >= -1, float(image.max()) <= 1)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LENS_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "(1, 3, 1024, 1024) True True"
+    assert Image.open(tmp_path / "lighthouse.png").size == (1024, 1024)

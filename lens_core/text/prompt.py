@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LensFileError
+from ..errors import LensFileError, LensInputError
 from .tokenizer import PAD_ID, LensTokenizer
 
 log = logging.getLogger("lens_core")
@@ -45,7 +45,10 @@ def template_date(date: str | None) -> str:
         return FROZEN_DATE
     if date == "today":
         return datetime.date.today().isoformat()
-    datetime.date.fromisoformat(date)
+    try:
+        datetime.date.fromisoformat(date)
+    except (TypeError, ValueError):
+        raise LensInputError(f"template date {date!r} is not usable: give frozen, today or a date as YYYY-MM-DD.") from None
     return date
 
 
