@@ -1,8 +1,10 @@
 """Text-encoder benchmark: a full-size GPT-OSS-20B MXFP4 checkpoint with random weights in the real HF
-layout (3 shards + index + config.json, ~13 GB, written once), then a 300-token prompt encoded on the
-CPU in a child process: wall time and peak RSS (target: under 16 GB; dequantised bf16 needs ~40 GB).
+layout (3 shards + index + config.json, ~13 GB, written once), then a 300-token prompt encoded in a child
+process: wall time and peak RSS (CPU target: under 16 GB; dequantised bf16 needs ~40 GB), and on CUDA the
+peak GPU memory too.
 
-    python bench/bench_text_encoder.py /tmp/lens_te_bench
+    python bench/bench_text_encoder.py /tmp/lens_te_bench                 # on the CPU
+    python bench/bench_text_encoder.py /tmp/lens_te_bench --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -77,36 +79,40 @@ def write_checkpoint(folder: Path) -> None:
     }))
 
 
-def child(folder: str) -> None:
+def child(folder: str, device: str) -> None:
     from lens_core import encode_prompts, load_text_encoder, load_tokenizer
     from lens_core.text.prompt import PREFIX_TOKENS, render_and_tokenize
 
     start = time.perf_counter()
-    encoder = load_text_encoder(folder, device="cpu")
+    encoder = load_text_encoder(folder, device=device)
     loaded = time.perf_counter()
     tokenizer = load_tokenizer()
     prompt = " ".join(["a quiet harbour town at dawn, fishing boats, gulls, mist over the water"] * 18)
     ids = render_and_tokenize(tokenizer, prompt)
     result = encode_prompts(encoder, tokenizer, [prompt])
     done = time.perf_counter()
-    print(json.dumps({"prompt_tokens": len(ids) - PREFIX_TOKENS - 22, "sequence_tokens": len(ids),
-                      "features": list(result.features.shape), "load_seconds": round(loaded - start, 1),
-                      "encode_seconds": round(done - loaded, 1),
-                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+    report = {"device": device, "dtype": str(encoder.dtype), "prompt_tokens": len(ids) - PREFIX_TOKENS - 22,
+              "sequence_tokens": len(ids), "features": list(result.features.shape), "load_seconds": round(loaded - start, 1),
+              "encode_seconds": round(done - loaded, 2),
+              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if device.startswith("cuda"):
+        report["peak_gpu_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    print(json.dumps(report))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(str(args.folder))
+        return child(str(args.folder), args.device)
     if not (args.folder / "config.json").exists():
         start = time.perf_counter()
         write_checkpoint(args.folder)
         print(f"wrote {args.folder} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    subprocess.run([sys.executable, __file__, str(args.folder), "--child"], check=True)
+    subprocess.run([sys.executable, __file__, str(args.folder), "--child", "--device", args.device], check=True)
 
 
 if __name__ == "__main__":

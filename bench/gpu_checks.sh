@@ -1,17 +1,45 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run (for a session lent a device machine):
-# the CUDA tests, then the denoiser and VAE benchmarks at real size. Results go to $OUT (default ./gpu_out).
-# The machine has no internet: carry a wheelhouse made here with
-#   pip download -d wheels einops tiktoken tokenizers comfy-kitchen safetensors pytest
-# and it is installed from there when present.
+# Everything that needs a GPU, in one run, for a session lent a device machine: the whole test suite on
+# CUDA (the cuda-marked tests included), then the real-size benchmarks. Each result goes to $OUT (default
+# ./gpu_out) and one summary file, $OUT/summary.txt, collects them all.
+#
+# The device machine has no internet but has torch, transformers, safetensors, einops, tiktoken, pillow
+# and pytest. What else the tests need travels with the repository, prepared here:
+#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_wheels comfy-kitchen tokenizers diffusers
+# then comfy-kitchen's pure-Python part is unpacked into .gpu_site (its compiled *.so and backends/hip
+# dropped: too large to carry, and its eager backend is all the tests use) and put on PYTHONPATH;
+# the other wheels are installed from .gpu_wheels when present.
+# Set QUICK=1 for a smoke run (small sizes; what a CPU machine can do to test this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-[ -d wheels ] && pip install -q --no-index --find-links wheels einops tiktoken tokenizers comfy-kitchen safetensors pytest
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python -m pytest -q tests/test_cuda.py tests/test_dit.py tests/test_sampling.py > "$OUT/tests.txt" 2>&1
-python bench/bench_dit.py --device cuda --blocks 48 --size 1024 --dtype bf16 > "$OUT/dit_1024.json" 2> "$OUT/dit_1024.err"
-python bench/bench_dit.py --device cuda --blocks 48 --size 1440 --dtype bf16 > "$OUT/dit_1440.json" 2> "$OUT/dit_1440.err"
-python bench/bench_vae.py --device cuda > "$OUT/vae.json" 2> "$OUT/vae.err"
-tail -n 3 "$OUT"/*.txt "$OUT"/*.json
+SUMMARY="$OUT/summary.txt"
+export PYTHONPATH="$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .gpu_wheels ] && python -m pip install -q --no-index --no-deps --find-links .gpu_wheels .gpu_wheels/*.whl > "$OUT/pip.txt" 2>&1
+
+step() {  # step NAME COMMAND...: run, keep its output, put its last lines in the summary
+    local name=$1; shift
+    local started=$SECONDS
+    "$@" > "$OUT/$name.txt" 2>&1
+    local rc=$?
+    { echo "== $name (exit $rc, $((SECONDS - started)) s)"; tail -n 12 "$OUT/$name.txt"; echo; } >> "$SUMMARY"
+}
+
+: > "$SUMMARY"
+{ if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; else echo "no nvidia-smi"; fi
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"; echo; } >> "$SUMMARY"
+if [ "${QUICK:-0}" = 1 ]; then
+    DEV=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+    step tests python -m pytest -q -x tests/test_devices.py tests/test_cuda.py
+    step dit python bench/bench_dit.py --device "$DEV" --blocks 2 --size 256 --dtype fp32
+    step sampling python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2
+else
+    step tests python -m pytest -q -rs tests
+    step dit_1024 python bench/bench_dit.py --device cuda --blocks 48 --size 1024 --dtype bf16
+    step dit_1440 python bench/bench_dit.py --device cuda --blocks 48 --size 1440 --dtype bf16
+    step sampling python bench/bench_sampling.py --device cuda
+    step vae python bench/bench_vae.py --device cuda
+    step text_encoder python bench/bench_text_encoder.py "${TE_DIR:-/tmp/lens_te_bench}" --device cuda
+fi
+cat "$SUMMARY"

@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU (skipped elsewhere): the GPU paths agree with the CPU reference."""
+"""Checks that need a CUDA GPU (marked `cuda`, skipped elsewhere): the GPU paths agree with the CPU reference,
+and the example workflows run end to end with every model on the GPU."""
 
 import pytest
 import torch
@@ -8,7 +9,10 @@ from lens_core import load_dit
 from lens_core.quant import MXFP8Linear
 from model_files import mxfp8_state, random_dit_state, write_single
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from test_nodes import NODES, WORKFLOWS, image_source, models_dir, shrink  # noqa: F401 (models_dir is a fixture)
+from workflow_runner import NativeNodes, run_workflow
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def inputs(device):
@@ -40,3 +44,23 @@ def test_mxfp8_on_cuda_matches_dequantised(tmp_path):
             module.forward = lambda x, m=module: torch.nn.functional.linear(x, m.dequantized_weight(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
     slow = dit(x, sigma, text, mask, grid).float()
     assert (fast - slow).norm() / slow.norm() < 0.05
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_on_the_gpu(workflow, models_dir, tmp_path, monkeypatch):
+    """The nodes' models compute on CUDA, their LATENT / IMAGE outputs come back to the CPU."""
+    import lens_core.sampling
+
+    devices = []
+    original = lens_core.sampling.sample
+
+    def recording(dit, *args, **kwargs):
+        devices.append(dit.device.type)
+        return original(dit, *args, **kwargs)
+
+    sampler_module = __import__(NODES["LensPackSampler"].__module__, fromlist=["x"])
+    monkeypatch.setattr(sampler_module, "sample", recording)
+    natives = NativeNodes(image_source)
+    run_workflow(shrink(workflow, tmp_path, 5), NODES, natives)
+    (images,) = natives.saved
+    assert devices == ["cuda"] and images.device.type == "cpu" and torch.isfinite(images).all()
