@@ -5,6 +5,7 @@ No ComfyUI imports here: the node pack around this package is a thin layer over 
 
 from .dit.layout import latent_to_tokens, tokens_to_latent
 from .dit.loader import load_dit
+from .dit.lora import LoRA, apply_loras, load_lora
 from .dit.model import DiTConfig, LensDiT
 from .errors import LensError, LensFileError, LensInputError
 from .pipeline import LensPipeline
@@ -17,7 +18,7 @@ from .vae.autoencoder import LensVAE
 from .vae.loader import load_vae
 
 __all__ = [
-    "Cancelled", "DiTConfig", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError",
+    "Cancelled", "DiTConfig", "LoRA", "apply_loras", "load_lora", "EncodedPrompts", "LensDiT", "LensError", "LensFileError", "LensInputError",
     "LensPipeline", "LensVAE", "PromptCache", "encode_prompts", "latent_to_tokens", "load_dit", "load_text_encoder",
     "load_tokenizer", "load_vae", "make_noise", "render_and_tokenize", "sample", "schedule_sigmas", "tokens_to_latent",
 ]

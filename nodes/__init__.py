@@ -3,6 +3,7 @@
 from .encode import LensTextEncode
 from .latent import LensEmptyLatent
 from .loader import LensModelLoader
+from .lora import LensLoraLoader
 from .sampler import LensSampler, LensTurboSampler
 from .vae import LensVAEDecode, LensVAEEncode
 
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "LensPackTurboSampler": LensTurboSampler,
     "LensPackVAEDecode": LensVAEDecode,
     "LensPackVAEEncode": LensVAEEncode,
+    "LensPackLoraLoader": LensLoraLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LensPackModelLoader": "Lens Model Loader",
@@ -23,4 +25,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensPackTurboSampler": "Lens Turbo Sampler",
     "LensPackVAEDecode": "Lens VAE Decode",
     "LensPackVAEEncode": "Lens VAE Encode",
+    "LensPackLoraLoader": "Lens LoRA Loader",
 }

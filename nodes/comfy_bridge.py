@@ -27,12 +27,13 @@ except ImportError:
     comfy_utils = None
     comfy_args = None
 
-FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
+FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),
+           "loras": ("loras",)}
 _models_dir = Path(os.environ.get("LENS_MODELS_DIR", "models"))
 
 
 def set_models_dir(path) -> None:
-    """Outside ComfyUI: the folder that holds diffusion_models/, text_encoders/ and vae/."""
+    """Outside ComfyUI: the folder that holds diffusion_models/, text_encoders/, vae/ and loras/."""
     global _models_dir
     _models_dir = Path(path)
 

@@ -54,7 +54,7 @@ def test_every_download_link_has_the_comfy_org_layout():
 def models_dir(tmp_path_factory):
     """Tiny random files in the real formats, under the names Comfy-Org publishes."""
     root = tmp_path_factory.mktemp("models")
-    for sub in ("diffusion_models", "text_encoders", "vae"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         (root / sub).mkdir()
     cfg = __import__("lens_core").DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)
     state = random_dit_state(cfg)
@@ -66,6 +66,11 @@ def models_dir(tmp_path_factory):
 
     vae_state = {k: v.contiguous() for k, v in demo_vae().model.state_dict().items()}
     save_file(vae_state, str(root / "vae" / "flux2-vae.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    lora = {f"diffusion_model.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.2
+            for name, rows, cols in (("transformer_blocks.0.attn.img_qkv", 384, 128), ("img_in", 128, 128))
+            for part, shape in (("down", (4, cols)), ("up", (rows, 4)))}
+    save_file(lora, str(root / "loras" / "lens_turbo_style_lora.safetensors"))
     bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
     bridge.set_models_dir(root)
     return root
@@ -92,7 +97,7 @@ def shrink(workflow_path: Path, tmp_path: Path, seed: int) -> Path:
 
 
 def test_three_example_workflows_exist():
-    assert {p.stem for p in WORKFLOWS} == {"lens_text_to_image", "lens_turbo_text_to_image", "lens_img2img"}
+    assert {p.stem for p in WORKFLOWS} == {"lens_text_to_image", "lens_turbo_text_to_image", "lens_img2img", "lens_lora"}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
@@ -110,7 +115,7 @@ def test_workflow_matches_definitions(workflow):
             assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
             for name, options in names:
                 spec = dict((k, v) for s in cls.INPUT_TYPES().values() for k, v in s.items())[name]
-                if isinstance(spec[0], list) and node["type"] != "LensPackModelLoader":
+                if isinstance(spec[0], list) and node["type"] not in ("LensPackModelLoader", "LensPackLoraLoader"):  # file lists
                     assert node["widgets_values"][[n for n, _ in names].index(name)] in spec[0], name
         else:
             assert node["type"] in ("SaveImage", "LoadImage", "Note")
@@ -316,3 +321,22 @@ def test_loader_logs_device_dtype_and_sizes(models_dir, caplog):
     assert len(lines) == 3
     assert lines[0].startswith("Lens Model Loader: denoiser lens_turbo_bf16.safetensors (turbo): ") and "MB of weights, float32, on cpu" in lines[0]
     assert "the Lens models on cpu in float32 (auto: CPUs compute fp32" in caplog.text
+
+
+def test_lora_loader_node_chains_and_strength_zero_is_identity(models_dir):
+    model, te, _ = NODES["LensPackModelLoader"]().load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors",
+                                                       "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive, _ = NODES["LensPackTextEncode"]().encode(te, "a red fox", "")
+    latent = {"samples": torch.zeros(1, 128, 3, 4)}
+    turbo, lora_node = NODES["LensPackTurboSampler"](), NODES["LensPackLoraLoader"]()
+    base = turbo.run(model, positive, latent, 1, 2)[0]["samples"]
+    (off,) = lora_node.apply(model, "lens_turbo_style_lora.safetensors", 0.0)
+    assert off is model
+    (once,) = lora_node.apply(model, "lens_turbo_style_lora.safetensors", 0.5)
+    (twice,) = lora_node.apply(once, "lens_turbo_style_lora.safetensors", 0.5)
+    (full,) = lora_node.apply(model, "lens_turbo_style_lora.safetensors", 1.0)
+    assert twice.extras["loras"] == ("lens_turbo_style_lora.safetensors@0.5",) * 2 and twice.extras["variant"] == "turbo"
+    with_lora = turbo.run(once, positive, latent, 1, 2)[0]["samples"]
+    assert not torch.allclose(with_lora, base, atol=1e-3)
+    assert torch.allclose(turbo.run(twice, positive, latent, 1, 2)[0]["samples"], turbo.run(full, positive, latent, 1, 2)[0]["samples"], atol=1e-4)
+    assert torch.equal(turbo.run(model, positive, latent, 1, 2)[0]["samples"], base)  # the loader's model is unchanged
