@@ -1,7 +1,7 @@
-"""Denoiser benchmark: per-forward time and peak memory, and load-time peak RSS of a full-size file.
+"""Denoiser benchmark: per-forward time, TFLOP/s, share of the GPU's bf16 peak and peak memory; load-time peak RSS.
 
     python bench/bench_dit.py                      # CUDA: real size at 1024^2; CPU: 4 blocks at 512^2
-    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda
+    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda --batch 2 --mode compiled   # eager / compiled / fp8 / fp8_fast
     python bench/bench_dit.py --load-test /tmp/lens_bench   # writes a 4.1B-parameter bf16 file once, loads it in a child
     python bench/bench_dit.py --load-test /tmp/lens_bench --load-format fp32-shards   # Microsoft's 2 fp32 shards -> bf16
 """
@@ -21,32 +21,60 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lens_core import DiTConfig, LensDiT  # noqa: E402
+from lens_core.quant import to_fp8_weights  # noqa: E402
 from streaming_writer import write_streaming  # noqa: E402
 
 
-def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
-    cfg = DiTConfig(blocks=blocks)
+# Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs this is usually run on, by a part of their name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+
+def forward_flops(cfg: DiTConfig, image_tokens: int, text_tokens: int, batch: int) -> float:
+    """Multiply-adds x 2 of one forward: every Linear on its stream's tokens, plus attention (QK^T and PV)."""
+    d, m = cfg.hidden, cfg.mlp_hidden
+    per_token_per_block = 2 * (4 * d * d + 3 * m * d)
+    tokens = image_tokens + text_tokens
+    attention_per_block = 4 * tokens * tokens * d
+    return batch * cfg.blocks * (per_token_per_block * tokens + attention_per_block)
+
+
+def benchmark_dit(blocks: int, device, dtype: torch.dtype, mode: str) -> tuple[LensDiT, float]:
+    """A random real-width denoiser in one of the modes (eager / compiled / fp8 / fp8_fast) and its compile warm-up seconds."""
     with torch.device(device):
-        model = LensDiT(cfg).to(dtype).eval()
+        model = LensDiT(DiTConfig(blocks=blocks)).to(dtype).eval()
+    if mode.startswith("fp8"):
+        model = to_fp8_weights(model, fast=mode == "fp8_fast")
+    return model, model.compile_blocks() if mode == "compiled" else 0.0
+
+
+def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, repeats: int, batch: int = 1, mode: str = "eager") -> dict:
+    model, warm_up = benchmark_dit(blocks, device, dtype, mode)
+    cfg = model.config
     h = w = size // 16
-    x = torch.randn(1, h * w, 128, device=device)
-    text = torch.randn(1, 128, 4, 2880, device=device)
-    mask = torch.ones(1, 128, dtype=torch.bool, device=device)
-    sigma = torch.tensor([0.5], device=device)
+    x = torch.randn(batch, h * w, 128, device=device)
+    text = torch.randn(batch, 128, 4, 2880, device=device)
+    sigma = torch.full((batch,), 0.5, device=device)
     with torch.no_grad():
-        model(x, sigma, text, mask, (h, w))
+        model(x, sigma, text, None, (h, w))
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(repeats):
-            model(x, sigma, text, mask, (h, w))
+            model(x, sigma, text, None, (h, w))
         if device == "cuda":
             torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / repeats
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"blocks": blocks, "size": size, "device": device, "dtype": str(dtype), "seconds_per_forward": round(seconds, 4),
-            "seconds_per_forward_48_blocks_estimate": round(seconds * 48 / blocks, 3), "peak_bytes": peak}
+    tflops = forward_flops(cfg, h * w, 128, batch) / seconds / 1e12
+    result = {"blocks": blocks, "size": size, "batch": batch, "mode": mode, "device": device, "dtype": str(dtype),
+              "seconds_per_forward": round(seconds, 4), "seconds_per_forward_48_blocks_estimate": round(seconds * 48 / blocks, 3),
+              "tflops": round(tflops, 1), "compile_warm_up_s": round(warm_up, 1), "peak_bytes": peak}
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak_tflops = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        result |= {"gpu": name, "share_of_bf16_peak": round(tflops / peak_tflops, 3) if peak_tflops else None}
+    return result
 
 
 def full_size_shapes() -> dict[str, tuple[int, ...]]:
@@ -93,6 +121,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024 if cuda else 512)
     parser.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=("bf16", "fp32"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="2 = one CFG step")
+    parser.add_argument("--mode", choices=("eager", "compiled", "fp8", "fp8_fast"), default="eager")
     parser.add_argument("--load-test", type=Path, help="folder for the full-size file (written once, 8.2 GB)")
     parser.add_argument("--load-format", choices=("bf16", "fp32-shards"), default="bf16")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
@@ -100,7 +130,7 @@ def main() -> None:
     if args.load_child:
         return load_child(args.load_child)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    print(json.dumps(forward_benchmark(args.blocks, args.size, args.device, dtype, args.repeats)))
+    print(json.dumps(forward_benchmark(args.blocks, args.size, args.device, dtype, args.repeats, args.batch, args.mode)))
     if args.load_test:
         args.load_test.mkdir(parents=True, exist_ok=True)
         if args.load_format == "bf16":

@@ -1,6 +1,7 @@
 """Sampling benchmark: the whole `lens_core.sample` loop (the denoiser's time per image), one JSON line per run.
 
     python bench/bench_sampling.py                       # CUDA: real size, Turbo 4 steps and Lens 20 steps CFG 5 at 1024^2 and 1440^2
+    python bench/bench_sampling.py --mode compiled           # or fp8_fast (see bench_dit.py --mode)
     python bench/bench_sampling.py --device cpu --blocks 2 --sizes 256 --lens-steps 2   # a CPU smoke run
 
 Random real-size weights (the speed does not depend on their values); 128 positive text tokens, the empty
@@ -18,7 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lens_core import DiTConfig, LensDiT, make_noise, sample  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dit import benchmark_dit  # noqa: E402
+from lens_core import make_noise, sample  # noqa: E402
 from lens_core.device import default_device, resolve_compute  # noqa: E402
 
 
@@ -53,15 +56,16 @@ def main() -> None:
     parser.add_argument("--turbo-steps", type=int, default=4)
     parser.add_argument("--lens-steps", type=int, default=20)
     parser.add_argument("--text-tokens", type=int, default=128)
+    parser.add_argument("--mode", choices=("eager", "compiled", "fp8", "fp8_fast"), default="eager")
     args = parser.parse_args()
     device, dtype = resolve_compute(args.device, args.dtype, "the benchmark denoiser")
-    with torch.device(device):
-        dit = LensDiT(DiTConfig(blocks=args.blocks)).to(dtype).eval()
+    dit, warm_up = benchmark_dit(args.blocks, device, dtype, args.mode)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     for size in args.sizes:
         for variant, steps, cfg in (("turbo", args.turbo_steps, 1.0), ("lens", args.lens_steps, 5.0)):
             result = run(dit, size, steps, cfg, args.text_tokens, device)
-            print(json.dumps({"variant": variant, "device": name, "dtype": str(dtype), "blocks": args.blocks, **result}), flush=True)
+            print(json.dumps({"variant": variant, "mode": args.mode, "device": name, "dtype": str(dtype), "blocks": args.blocks,
+                              "compile_warm_up_s": round(warm_up, 1), **result}), flush=True)
 
 
 if __name__ == "__main__":

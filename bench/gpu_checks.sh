@@ -32,14 +32,23 @@ step() {  # step NAME COMMAND...: run, keep its output, put its last lines in th
 if [ "${QUICK:-0}" = 1 ]; then
     DEV=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
     step tests python -m pytest -q -x tests/test_devices.py tests/test_cuda.py
-    step dit python bench/bench_dit.py --device "$DEV" --blocks 2 --size 256 --dtype fp32
-    step sampling python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2
+    step dit python bench/bench_dit.py --device "$DEV" --blocks 2 --size 256 --dtype fp32 --mode fp8_fast --batch 2
+    step sampling python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --mode compiled
+    step lora python bench/bench_lora.py --device "$DEV" --blocks 2 --size 256 --ranks 16
 else
+    # Most wanted first: each step's output is kept even if the device time runs out later.
     step tests python -m pytest -q -rs tests
-    step dit_1024 python bench/bench_dit.py --device cuda --blocks 48 --size 1024 --dtype bf16
-    step dit_1440 python bench/bench_dit.py --device cuda --blocks 48 --size 1440 --dtype bf16
-    step sampling python bench/bench_sampling.py --device cuda
+    step sampling_eager python bench/bench_sampling.py --device cuda --mode eager
+    step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
+    for size in 1024 1440; do
+        for batch in 1 2; do
+            step "dit_${size}_b${batch}_eager" python bench/bench_dit.py --device cuda --blocks 48 --size $size --batch $batch --mode eager
+        done
+    done
+    step dit_1024_b1_compiled python bench/bench_dit.py --device cuda --blocks 48 --size 1024 --batch 1 --mode compiled
+    step dit_1024_b2_fp8_fast python bench/bench_dit.py --device cuda --blocks 48 --size 1024 --batch 2 --mode fp8_fast
     step vae python bench/bench_vae.py --device cuda
+    step lora python bench/bench_lora.py --device cuda --ranks 16 64
     step text_encoder python bench/bench_text_encoder.py "${TE_DIR:-/tmp/lens_te_bench}" --device cuda
 fi
 cat "$SUMMARY"

@@ -1,13 +1,18 @@
-"""The RMSNorm both Lens transformers use, computed in float32 whatever the activation dtype."""
+"""The RMSNorm both Lens transformers use, with float32 statistics whatever the activation dtype."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight in float32 (the weight multiplies in float32 too), cast back to x's dtype."""
+    """x / rms(x) * weight, cast back to x's dtype.
+
+    `F.rms_norm` upcasts to float32 for the statistics and the scaling (checked bit-exact against the
+    explicit float32 formula in tests/test_dit.py), in one fused kernel on GPUs instead of seven.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -15,6 +20,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)

@@ -10,6 +10,7 @@ import torch
 from ..lens_core import load_dit, load_text_encoder, load_tokenizer, load_vae
 from ..lens_core.device import describe, resolve_compute
 from ..lens_core.presets import guess_variant
+from ..lens_core.quant import FP8_WEIGHT_DTYPES
 from .comfy_bridge import compute_device, list_models, model_path
 from .managed import Managed
 
@@ -19,10 +20,10 @@ HF = "https://huggingface.co/Comfy-Org/Lens/resolve/main"
 _cache: dict = {}
 
 
-def _load_once(kind: str, path: str, dtype, loader):
+def _load_once(kind: str, path: str, settings, loader):
     """Reuse a model loaded with the same file and settings (ComfyUI re-runs loaders on every prompt)."""
     stat = Path(path).stat()
-    key = (kind, path, stat.st_size, stat.st_mtime, dtype)
+    key = (kind, path, stat.st_size, stat.st_mtime, settings)
     if key not in _cache:
         for old in [k for k in _cache if k[0] == kind]:
             del _cache[old]
@@ -50,13 +51,17 @@ class LensModelLoader:
                                                          "(a FLUX.1 VAE will not work)"}),
             "variant": (["auto", "lens", "turbo", "base"], {"default": "auto", "tooltip": "auto: from the file name ('turbo' in it = Lens-Turbo). "
                                                                                            "The weights alone cannot tell."}),
-            "weight_dtype": (["auto", "bf16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on GPUs that compute it (NVIDIA RTX 30xx / A100 "
-                                                                                     "and newer, Intel XPU, Apple M-series on macOS 14+), fp32 elsewhere. "
-                                                                                     "fp16 is not offered: Lens overflows in fp16."}),
+            "weight_dtype": (["auto", "bf16", "fp32", *FP8_WEIGHT_DTYPES], {
+                "default": "auto", "tooltip": "auto: bf16 on GPUs that compute it (NVIDIA RTX 30xx / A100 and newer, Intel XPU, Apple "
+                                              "M-series on macOS 14+), fp32 elsewhere. fp8_e4m3fn: the denoiser's block weights in fp8 "
+                                              "(5.5 GB instead of 8.2), computed in bf16. fp8_e4m3fn_fast: also fp8 matmuls on RTX 40xx / "
+                                              "H100 and newer. fp16 is not offered: Lens overflows in fp16."}),
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
                                                                      "Off: each model moves to the GPU only while it runs."}),
             "text_encoder_device": (["gpu", "cpu"], {"default": "gpu", "tooltip": "cpu: run GPT-OSS-20B on the CPU (~14 GB of RAM, "
                                                                                  "no VRAM; slower, but prompts are cached on disk)."}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": "Compile the denoiser's blocks with torch.compile: faster sampling after a "
+                                                                 "warm-up at load (the log says how long); new sizes reuse it."}),
         }}
 
     @classmethod
@@ -71,12 +76,14 @@ class LensModelLoader:
                 fingerprint.append(f"{name}:missing")
         return "|".join(fingerprint)
 
-    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu"):
+    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu", compile=False):
         device = compute_device()
-        _, dtype = resolve_compute(device, None if weight_dtype == "auto" else weight_dtype, what="the Lens models")
+        fp8 = weight_dtype if weight_dtype in FP8_WEIGHT_DTYPES else None
+        _, dtype = resolve_compute(device, None if weight_dtype == "auto" or fp8 else weight_dtype, what="the Lens models")
         dit_path, te_path, vae_path = (model_path("diffusion_models", dit_name), model_path("text_encoders", text_encoder_name),
                                        model_path("vae", vae_name))
-        dit = _load_once("dit", dit_path, dtype, lambda: load_dit(dit_path, device="cpu", dtype=dtype))
+        dit = _load_once("dit", dit_path, (dtype, fp8, compile),
+                         lambda: load_dit(dit_path, device="cpu", dtype=dtype, weight_dtype=fp8, compile=compile))
         encoder = _load_once("te", te_path, dtype, lambda: load_text_encoder(te_path, device="cpu", dtype=dtype))
         tokenizer = _load_once("tok", te_path, None, lambda: load_tokenizer(te_path))
         vae = _load_once("vae", vae_path, dtype, lambda: load_vae(vae_path, device="cpu", dtype=dtype))

@@ -116,3 +116,24 @@ def test_fp16_is_refused(golden):
 def test_parameter_count_of_real_config():
     from lens_core import DiTConfig
     assert DiTConfig().parameter_count() == 4_104_225_152
+
+
+def test_fused_norm_and_rope_equal_the_spelled_out_float32_math():
+    from lens_core.dit.rope import apply_rope, rope_frequencies
+    from lens_core.norms import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 3, 7, 64) * 3).to(dtype)
+        x32, w32 = x.float(), norm.weight.to(dtype).float()
+        expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * w32).to(dtype)
+        assert torch.equal(norm.to(dtype)(x), expected)
+    rope = rope_frequencies(2, 3, 1, (8, 28, 28))
+    x = torch.randn(1, 2, 7, 64)
+    angle = torch.atan2(rope[..., 1], rope[..., 0])
+    even, odd = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack([even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()], dim=-1).flatten(-2)
+    assert torch.allclose(apply_rope(x, rope, torch.float32), expected, atol=1e-6)

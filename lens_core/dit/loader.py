@@ -9,6 +9,7 @@ Sizes are read from tensor shapes, so test-sized and real models load through th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 
 from ..device import resolve_compute
-from ..errors import LensFileError
+from ..errors import LensFileError, LensInputError
 from ..identify import describe, placement_hint
-from ..quant import MXFP8_FORMAT, MXFP8Linear, read_comfy_quant
+from ..quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
 from ..safetensors_reader import Checkpoint, open_component
 from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from .model import DiTConfig, LensDiT
+
+log = logging.getLogger("lens_core")
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _MARKERS = ("transformer_blocks.0.attn.norm_added_q.weight", "transformer_blocks.0.img_mlp.w1.weight")
@@ -109,15 +112,22 @@ def _swap_in_quantised(model: LensDiT, formats: dict[str, str], file_name: str) 
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             text_mask: str = "every_block") -> LensDiT:
+             text_mask: str = "every_block", weight_dtype: str | None = None, compile: bool = False) -> LensDiT:
     """Load a Lens denoiser from any published layout (see module docstring).
 
-    device: default the best accelerator (CUDA, XPU, MPS), else CPU. dtype: bfloat16 where the device
-    computes it natively, float32 elsewhere; float16 is refused (the model overflows in fp16).
+    device: default the best accelerator (CUDA, XPU, MPS), else CPU. dtype: the compute dtype, bfloat16 where
+    the device computes it natively, float32 elsewhere; float16 is refused (the model overflows in fp16).
     text_mask: "every_block" (ComfyUI native, musubi-tuner; the default) or "first_block" (the diffusers
     port, which the golden tensors come from); see `LensDiT`.
+    weight_dtype: None (weights in `dtype`), "fp8_e4m3fn" (block Linears stored in fp8 with per-row scales,
+    0.67x the bytes, computed in `dtype`) or "fp8_e4m3fn_fast" (the same, multiplied fp8 x fp8 on GPUs with
+    compute capability 8.9 and newer). Modulation and top-level layers keep `dtype` (see quant.FP8_KEEP).
+    compile: compile the blocks with torch.compile (a warm-up at load; see `LensDiT.compile_blocks`).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens denoiser")
+    if weight_dtype not in (None, *FP8_WEIGHT_DTYPES):
+        raise LensInputError(f"weight_dtype {weight_dtype!r} is not offered; use None (the compute dtype) or one of "
+                             f"{', '.join(FP8_WEIGHT_DTYPES)}.")
     ckpt = open_component(path, "transformer", "diffusion_pytorch_model")
     prefix = _key_prefix(ckpt)
     cfg = config_from_checkpoint(ckpt, prefix)
@@ -126,7 +136,16 @@ def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, 
         model = LensDiT(cfg, text_mask=text_mask)
     _swap_in_quantised(model, _quantised_linears(ckpt, prefix), ckpt.name)
     check_against_checkpoint(model, ckpt.keys(), ckpt.shape, ckpt.name, prefix)
-    model = fill_from_checkpoint(model, ckpt.read, device, dtype, prefix)
+    # fp8 layers are quantised on the CPU, so the device never holds the full-precision weights.
+    model = fill_from_checkpoint(model, ckpt.read, "cpu" if weight_dtype else device, dtype, prefix)
+    if weight_dtype:
+        fast = weight_dtype.endswith("_fast")
+        model = to_fp8_weights(model, fast).to(device)
+        if fast and not has_fp8_tensor_cores(device):
+            log.info("Lens: %s has no fp8 tensor cores (NVIDIA compute capability 8.9+ has them): the weights stay fp8, "
+                     "the matmuls run in %s", device, str(dtype).removeprefix("torch."))
     model.source = ckpt.name
     model.file_metadata = ckpt.metadata
+    if compile:
+        model.compile_blocks()
     return model

@@ -179,9 +179,12 @@ class LoRALinear(nn.Module):
 
 
 def _unshare(module: nn.Module) -> nn.Module:
-    """A shallow copy whose child table can be changed without touching the original (parameters stay shared)."""
+    """A shallow copy whose child table can be changed without touching the original (parameters stay shared).
+
+    A compiled module's compiled call is bound to the original; the copy drops it (apply_loras compiles anew)."""
     clone = copy.copy(module)
     clone._modules = dict(module._modules)
+    clone.__dict__.pop("_compiled_call_impl", None)
     return clone
 
 
@@ -199,6 +202,8 @@ def apply_loras(dit: nn.Module, loras: list[tuple]) -> nn.Module:
         lora = source if isinstance(source, LoRA) else load_lora(source, dit)
         for name, layer in lora.layers.items():
             result = _patched(result, name, layer, float(strength), dtype)
+    if getattr(dit, "compiled", False):
+        result.compile_blocks(warm_up=False)
     return result
 
 

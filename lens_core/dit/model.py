@@ -7,7 +7,9 @@ weights' dtype; the rest runs in the weights' dtype (bfloat16 on GPUs, float32 o
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from ..norms import RMSNorm
 from .rope import rope_frequencies, apply_rope
 
 TEXT_MASK_MODES = ("every_block", "first_block")
+log = logging.getLogger("lens_core")
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,14 @@ class Modulation(nn.Module):
         super().__init__()
         self.register_module("1", nn.Linear(dim, 6 * dim))
 
-    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return getattr(self, "1")(F.silu(temb)).unsqueeze(1).chunk(6, dim=-1)
+    def forward(self, silu_temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """From SiLU(temb), computed once per forward for all blocks."""
+        return getattr(self, "1")(silu_temb).unsqueeze(1).chunk(6, dim=-1)
+
+
+def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """normed * (1 + scale) + shift in one fused multiply-add."""
+    return torch.addcmul(shift, normed, 1 + scale)
 
 
 class JointAttention(nn.Module):
@@ -94,13 +103,13 @@ class JointAttention(nn.Module):
         return q, k, v
 
     def forward(self, img, txt, rope, key_bias):
-        n_img = img.shape[1]
+        n_img, dtype = img.shape[1], img.dtype
         iq, ik, iv = self._heads(self.img_qkv(img))
         tq, tk, tv = self._heads(self.txt_qkv(txt))
-        q = torch.cat([self.norm_q(iq), self.norm_added_q(tq)], dim=2)
-        k = torch.cat([self.norm_k(ik), self.norm_added_k(tk)], dim=2)
+        # Norms take float32 statistics; RoPE rotates in float32 and casts back once.
+        q = apply_rope(torch.cat([self.norm_q(iq), self.norm_added_q(tq)], dim=2), rope, dtype)
+        k = apply_rope(torch.cat([self.norm_k(ik), self.norm_added_k(tk)], dim=2), rope, dtype)
         v = torch.cat([iv, tv], dim=2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
         out = out.transpose(1, 2).flatten(2)
         return self.to_out[0](out[:, :n_img]), self.to_add_out(out[:, n_img:])
@@ -118,19 +127,19 @@ class Block(nn.Module):
         self.img_mlp = SwiGLU(d, cfg.mlp_hidden)
         self.txt_mlp = SwiGLU(d, cfg.mlp_hidden)
 
-    def forward(self, img, txt, temb, rope, key_bias):
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb)
+    def forward(self, img, txt, silu_temb, rope, key_bias):
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(silu_temb)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(silu_temb)
         img_attn, txt_attn = self.attn(
-            self.img_norm1(img) * (1 + i_scale1) + i_shift1,
-            self.txt_norm1(txt) * (1 + t_scale1) + t_shift1,
+            _modulate(self.img_norm1(img), i_shift1, i_scale1),
+            _modulate(self.txt_norm1(txt), t_shift1, t_scale1),
             rope,
             key_bias,
         )
-        img = img + i_gate1 * img_attn
-        txt = txt + t_gate1 * txt_attn
-        img = img + i_gate2 * self.img_mlp(self.img_norm2(img) * (1 + i_scale2) + i_shift2)
-        txt = txt + t_gate2 * self.txt_mlp(self.txt_norm2(txt) * (1 + t_scale2) + t_shift2)
+        img = torch.addcmul(img, i_gate1, img_attn)
+        txt = torch.addcmul(txt, t_gate1, txt_attn)
+        img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2)))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
         return img, txt
 
 
@@ -164,10 +173,10 @@ class OutputNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(silu_temb).unsqueeze(1).chunk(2, dim=-1)
         normed = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
-        return normed * (1 + scale) + shift
+        return _modulate(normed, shift, scale)
 
 
 class LensDiT(nn.Module):
@@ -188,6 +197,7 @@ class LensDiT(nn.Module):
             raise LensInputError(f"text_mask must be one of {', '.join(TEXT_MASK_MODES)}, got {text_mask!r}.")
         self.config = cfg
         self.text_mask = text_mask
+        self.compiled = False
         self.img_in = nn.Linear(cfg.in_channels, cfg.hidden)
         self.txt_norm = nn.ModuleList([RMSNorm(cfg.text_width, 1e-5) for _ in range(cfg.text_layers)])
         self.txt_in = nn.Linear(cfg.text_layers * cfg.text_width, cfg.hidden)
@@ -199,6 +209,27 @@ class LensDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
+
+    def compile_blocks(self, warm_up: bool = True) -> float:
+        """Compile every block with torch.compile; returns the warm-up seconds.
+
+        All 48 blocks share one compiled graph (their weights are graph inputs), and shapes are dynamic, so a
+        new image size or prompt length reuses it. The warm-up compiles the shapes a run meets first: batch 1
+        (Turbo) and batch 2 with a padded prompt (CFG); torch specialises size-1 batches, hence both.
+        """
+        for block in self.transformer_blocks:
+            block.compile(dynamic=True)
+        self.compiled = True
+        started = time.perf_counter()
+        if warm_up:
+            cfg, device = self.config, self.device
+            with torch.no_grad():
+                for batch, mask in ((1, None), (2, torch.tensor([[True] * 7, [True] * 3 + [False] * 4], device=device))):
+                    self(torch.zeros(batch, 15, cfg.in_channels, device=device), torch.full((batch,), 0.5, device=device),
+                         torch.zeros(batch, 7, cfg.text_layers, cfg.text_width, device=device), mask, (3, 5))
+        seconds = time.perf_counter() - started
+        log.info("Lens: compiled the denoiser's blocks in %.1f s (new image sizes and prompt lengths reuse them)", seconds)
+        return seconds
 
     @property
     def device(self) -> torch.device:
@@ -235,7 +266,7 @@ class LensDiT(nn.Module):
         text = text.to(device, dtype)
         sigma = sigma.to(device)
 
-        temb = self.time_text_embed.timestep_embedder(sigma, dtype)
+        silu_temb = F.silu(self.time_text_embed.timestep_embedder(sigma, dtype))  # what every modulation takes
         img = self.img_in(x)
         txt = self.txt_in(torch.cat([norm(text[:, :, i]) for i, norm in enumerate(self.txt_norm)], dim=-1))
 
@@ -243,8 +274,8 @@ class LensDiT(nn.Module):
         key_bias = None if text_mask is None else _key_bias(text_mask.to(device, torch.bool), h * w, dtype)
         for index, block in enumerate(self.transformer_blocks):
             masked = self.text_mask == "every_block" or index == 0
-            img, txt = block(img, txt, temb, rope, key_bias if masked else None)
-        return self.proj_out(self.norm_out(img, temb))
+            img, txt = block(img, txt, silu_temb, rope, key_bias if masked else None)
+        return self.proj_out(self.norm_out(img, silu_temb))
 
 
 def _key_bias(text_mask: torch.Tensor, n_img: int, dtype: torch.dtype) -> torch.Tensor:
