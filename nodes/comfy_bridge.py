@@ -20,10 +20,12 @@ except ImportError:
     folder_paths = None
 try:
     import comfy.model_management as model_management
+    import comfy.model_patcher as model_patcher
     import comfy.utils as comfy_utils
     from comfy.cli_args import LatentPreviewMethod, args as comfy_args
 except ImportError:
     model_management = None
+    model_patcher = None
     comfy_utils = None
     comfy_args = None
 

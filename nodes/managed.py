@@ -1,26 +1,25 @@
-"""Lens models as the nodes hand them around, loaded on the CPU and moved to the GPU only while used.
+"""Lens models as the nodes hand them around: loaded on the CPU, put on their device while used.
 
-ComfyUI's memory manager does not know our modules, so before a move we ask it to free the memory we
-need (it unloads its own models), and after use we move back to the offload device unless the user
-chose to keep the model resident. Nothing stays on the GPU by accident between runs.
+Inside ComfyUI each model is handed to ComfyUI's model manager (see comfy_models.py), which keeps it on the GPU
+between runs while memory allows and unloads it when other nodes need the room. Outside ComfyUI, or where a
+ComfyUI version's manager cannot take it, the model moves to the GPU before use and back after (unless
+"keep loaded"), after asking ComfyUI to free that much memory.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..lens_core.device import model_bytes
+from . import comfy_bridge
 from .comfy_bridge import compute_device, free_memory_for, offload_device, release_memory
+from .comfy_models import move_model, patcher_for
 
-
-def _move(model, device) -> None:
-    if hasattr(model, "move"):
-        model.move(device)
-    else:
-        model.to(device)
+log = logging.getLogger("lens_core")
 
 
 @dataclass
@@ -32,14 +31,30 @@ class Managed:
     keep_loaded: bool = False
     extras: dict = field(default_factory=dict)
 
+    def _load_through_comfyui(self) -> bool:
+        """Let ComfyUI's manager load the model; False outside ComfyUI or where its API differs."""
+        if comfy_bridge.model_management is None or comfy_bridge.model_patcher is None or self.device.type == "cpu":
+            return False
+        try:
+            patcher = patcher_for(self.model, self.device, offload_device(), comfy_bridge.model_patcher.ModelPatcher)
+            comfy_bridge.model_management.load_models_gpu([patcher], force_full_load=True)
+        except (TypeError, AttributeError) as e:
+            log.warning("Lens: this ComfyUI's model manager cannot take the Lens models (%s); moving them by hand", e)
+            return False
+        return True
+
     @contextmanager
     def use(self):
+        if self._load_through_comfyui():
+            move_model(self.model, self.device)  # a LoRA's own small weights; the shared rest is already there
+            yield self.model
+            return
         if self.device.type != "cpu":
             free_memory_for(model_bytes(self.model), self.device)
-        _move(self.model, self.device)
+        move_model(self.model, self.device)
         try:
             yield self.model
         finally:
             if not self.keep_loaded and self.device != offload_device():
-                _move(self.model, offload_device())
+                move_model(self.model, offload_device())
                 release_memory()

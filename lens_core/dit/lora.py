@@ -195,6 +195,8 @@ def apply_loras(dit: nn.Module, loras: list[tuple]) -> nn.Module:
     applying to a denoiser that already has LoRAs stacks the new ones. Strength 0 entries are skipped.
     """
     result = _unshare(dit)
+    # Whose weights this one shares (memory is counted there); set in __dict__ so it is not registered as a submodule.
+    result.__dict__["base_model"] = getattr(dit, "base_model", dit)
     dtype = torch.float32 if dit.dtype == torch.float32 else torch.bfloat16
     for source, strength in loras:
         if strength == 0:

@@ -1,0 +1,126 @@
+"""Lens models under ComfyUI's model manager, with a stand-in of its manager (CI has no ComfyUI): loaded
+through it, kept between runs, unloaded by it, and moved by hand where a ComfyUI's manager cannot take them."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from pack import import_pack
+
+pack = import_pack()
+bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
+managed_module = __import__(pack.__name__ + ".nodes.managed", fromlist=["x"])
+GPU = torch.device("cuda")
+
+
+class RecordingModel(nn.Module):
+    """A model that records where it is moved (a CPU-only machine cannot move anything to a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.place, self.moves = torch.device("cpu"), []
+
+    @property
+    def device(self):
+        return self.place
+
+    def to(self, device):
+        if torch.device(device) != self.place:
+            self.place = torch.device(device)
+            self.moves.append(self.place)
+        return self
+
+
+class StandInPatcher:
+    """The constructor contract of comfy.model_patcher.ModelPatcher."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+
+
+class StandInManager:
+    """comfy.model_management as far as the pack uses it: a list of loaded models, loading and unloading them."""
+
+    def __init__(self, accepts_full_load=True):
+        self.loaded, self.requests, self.accepts_full_load = [], [], accepts_full_load
+
+    def load_models_gpu(self, patchers, memory_required=0, force_patch_weights=False, **kwargs):
+        if not self.accepts_full_load and "force_full_load" in kwargs:
+            raise TypeError("load_models_gpu() got an unexpected keyword argument 'force_full_load'")
+        for patcher in patchers:
+            self.requests.append(patcher)
+            if patcher not in self.loaded:
+                patcher.partially_load(patcher.load_device, 1e32)
+                self.loaded.insert(0, patcher)
+
+    def unload_all_models(self):
+        while self.loaded:
+            self.loaded.pop().detach()
+
+    unet_offload_device = staticmethod(lambda: torch.device("cpu"))
+    soft_empty_cache = staticmethod(lambda: None)
+    free_memory = staticmethod(lambda nbytes, device: None)
+
+
+@pytest.fixture
+def manager(monkeypatch):
+    fake = StandInManager()
+    monkeypatch.setattr(bridge, "model_management", fake)
+    monkeypatch.setattr(bridge, "model_patcher", type("ModelPatcherModule", (), {"ModelPatcher": StandInPatcher}))
+    return fake
+
+
+def test_models_are_loaded_through_comfyui_and_stay_between_runs(manager):
+    model = RecordingModel()
+    for _ in range(2):  # two runs, each with the loader's fresh Managed for the same cached model
+        with managed_module.Managed(model, GPU, keep_loaded=False).use() as on_device:
+            assert on_device is model and model.device == GPU
+    assert model.moves == [GPU]  # moved once, kept on the GPU between runs: ComfyUI decides when it leaves
+    assert len(manager.requests) == 2 and manager.requests[0] is manager.requests[1]
+    patcher = manager.requests[0]
+    assert patcher.size == sum(p.numel() * 4 for p in model.parameters()) and patcher.loaded_size() == patcher.size
+    manager.unload_all_models()  # ComfyUI's "Unload models", or another node needing the memory
+    assert model.device == torch.device("cpu") and patcher.loaded_size() == 0
+    with managed_module.Managed(model, GPU).use():
+        assert model.device == GPU
+    assert model.moves == [GPU, torch.device("cpu"), GPU]
+
+
+def test_a_lora_model_shares_its_base_models_entry(manager):
+    base, lora = RecordingModel(), RecordingModel()
+    lora.__dict__["base_model"] = base
+    with managed_module.Managed(base, GPU).use():
+        pass
+    with managed_module.Managed(lora, GPU).use():
+        assert lora.device == GPU  # its own side weights follow
+    assert manager.requests[0] is manager.requests[1] and len(manager.loaded) == 1
+
+
+def test_a_comfyui_whose_manager_cannot_take_them_moves_them_by_hand(monkeypatch, caplog):
+    monkeypatch.setattr(bridge, "model_management", StandInManager(accepts_full_load=False))
+    monkeypatch.setattr(bridge, "model_patcher", type("ModelPatcherModule", (), {"ModelPatcher": StandInPatcher}))
+    model = RecordingModel()
+    with caplog.at_level(logging.WARNING, logger="lens_core"):
+        with managed_module.Managed(model, GPU, keep_loaded=False).use():
+            assert model.device == GPU
+    assert "moving them by hand" in caplog.text and model.moves == [GPU, torch.device("cpu")]
+
+
+def test_outside_comfyui_models_move_while_used():
+    model = RecordingModel()
+    with managed_module.Managed(model, GPU, keep_loaded=False).use():
+        assert model.device == GPU
+    with managed_module.Managed(model, GPU, keep_loaded=True).use():
+        pass
+    assert model.moves == [GPU, torch.device("cpu"), GPU]
+
+
+def test_a_patcher_forgotten_without_unpatching_leaves_the_model_in_place(manager):
+    model = RecordingModel()
+    with managed_module.Managed(model, GPU).use():
+        pass
+    manager.requests[0].detach(unpatch_all=False)  # what ComfyUI does when a patcher is replaced or collected
+    assert model.device == GPU and model.moves == [GPU]
