@@ -57,14 +57,16 @@ def main() -> None:
     parser.add_argument("--lens-steps", type=int, default=20)
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--mode", choices=("eager", "compiled", "fp8", "fp8_fast"), default="eager")
+    parser.add_argument("--blocks-on-cpu", type=int, default=0, help="block swap: blocks kept in CPU memory")
     args = parser.parse_args()
     device, dtype = resolve_compute(args.device, args.dtype, "the benchmark denoiser")
     dit, warm_up = benchmark_dit(args.blocks, device, dtype, args.mode)
+    dit.swap_blocks(args.blocks_on_cpu)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     for size in args.sizes:
         for variant, steps, cfg in (("turbo", args.turbo_steps, 1.0), ("lens", args.lens_steps, 5.0)):
             result = run(dit, size, steps, cfg, args.text_tokens, device)
-            print(json.dumps({"variant": variant, "mode": args.mode, "device": name, "dtype": str(dtype), "blocks": args.blocks,
+            print(json.dumps({"variant": variant, "mode": args.mode, "blocks_on_cpu": args.blocks_on_cpu, "device": name, "dtype": str(dtype), "blocks": args.blocks,
                               "compile_warm_up_s": round(warm_up, 1), **result}), flush=True)
 
 

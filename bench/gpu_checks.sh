@@ -34,12 +34,15 @@ if [ "${QUICK:-0}" = 1 ]; then
     step tests python -m pytest -q -x tests/test_devices.py tests/test_cuda.py
     step dit python bench/bench_dit.py --device "$DEV" --blocks 2 --size 256 --dtype fp32 --mode fp8_fast --batch 2
     step sampling python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --mode compiled
+    step sampling_swap python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --blocks-on-cpu 1
     step lora python bench/bench_lora.py --device "$DEV" --blocks 2 --size 256 --ranks 16
 else
     # Most wanted first: each step's output is kept even if the device time runs out later.
     step tests python -m pytest -q -rs tests
     step sampling_eager python bench/bench_sampling.py --device cuda --mode eager
     step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
+    step sampling_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24
+    step sampling_fp8_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24 --mode fp8_fast
     for size in 1024 1440; do
         for batch in 1 2; do
             step "dit_${size}_b${batch}_eager" python bench/bench_dit.py --device cuda --blocks 48 --size $size --batch $batch --mode eager

@@ -105,6 +105,12 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def device_bytes(model) -> int:
+    """What a model takes on its device: its weights less the blocks a block swap keeps in CPU memory."""
+    swap = getattr(model, "block_swap", None)
+    return model_bytes(model) - (swap.nbytes(model.transformer_blocks) if swap is not None else 0)
+
+
 def describe(what: str, model, runs_on: torch.device | None = None) -> str:
     """One line for the log: which model, how large, in which dtype, where it is and where it computes."""
     size = model_bytes(model)

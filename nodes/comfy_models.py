@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import weakref
 
-from ..lens_core.device import model_bytes
+from ..lens_core.device import device_bytes
 
 log = logging.getLogger("lens_core")
 _patchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -33,8 +33,8 @@ def lens_patcher_class(base: type) -> type:
 
     class LensModelPatcher(base):
         def __init__(self, model, load_device, offload_device):
-            super().__init__(model, load_device, offload_device, size=model_bytes(model))
-            self.loaded_bytes = model_bytes(model) if model.device == load_device else 0
+            super().__init__(model, load_device, offload_device, size=device_bytes(model))
+            self.loaded_bytes = self.size if model.device == load_device else 0
 
         def loaded_size(self):
             return self.loaded_bytes
@@ -78,7 +78,7 @@ def patcher_for(model, load_device, offload_device, base: type):
     """
     owner = getattr(model, "base_model", model)
     patcher = _patchers.get(owner)
-    if patcher is None or patcher.load_device != load_device:
+    if patcher is None or patcher.load_device != load_device or patcher.size != device_bytes(owner):
         patcher = lens_patcher_class(base)(owner, load_device, offload_device)
         _patchers[owner] = patcher
     return patcher

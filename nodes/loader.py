@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..lens_core import load_dit, load_text_encoder, load_tokenizer, load_vae
-from ..lens_core.device import describe, resolve_compute
+from ..lens_core.device import describe, model_bytes, resolve_compute
+from ..lens_core.dit.block_swap import auto_blocks_on_cpu
 from ..lens_core.presets import guess_variant
 from ..lens_core.quant import FP8_WEIGHT_DTYPES
 from .comfy_bridge import compute_device, list_models, model_path
@@ -29,6 +30,15 @@ def _load_once(kind: str, path: str, settings, loader):
             del _cache[old]
         _cache[key] = loader()
     return _cache[key]
+
+
+def _blocks_on_cpu(dit, device) -> int:
+    """Block swap's "auto": enough blocks on the CPU for the rest of the denoiser to fit the GPU's memory."""
+    if device.type != "cuda":
+        return 0
+    total = torch.cuda.get_device_properties(device).total_memory
+    block_bytes = model_bytes(dit.transformer_blocks[0])
+    return auto_blocks_on_cpu(model_bytes(dit), block_bytes, dit.config.blocks, total)
 
 
 class LensModelLoader:
@@ -62,6 +72,9 @@ class LensModelLoader:
                                                                                  "no VRAM; slower, but prompts are cached on disk)."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip": "Compile the denoiser's blocks with torch.compile: faster sampling after a "
                                                                  "warm-up at load (the log says how long); new sizes reuse it."}),
+            "blocks_on_cpu": ("INT", {"default": 0, "min": -1, "max": 47, "tooltip": "Block swap for small GPUs: this many of the 48 "
+                                      "denoiser blocks stay in CPU memory and stream to the GPU as they run (~170 MB each in bf16). "
+                                      "-1: as many as the GPU's memory needs. 0: all on the GPU (fastest)."}),
         }}
 
     @classmethod
@@ -76,7 +89,8 @@ class LensModelLoader:
                 fingerprint.append(f"{name}:missing")
         return "|".join(fingerprint)
 
-    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu", compile=False):
+    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu", compile=False,
+             blocks_on_cpu=0):
         device = compute_device()
         fp8 = weight_dtype if weight_dtype in FP8_WEIGHT_DTYPES else None
         _, dtype = resolve_compute(device, None if weight_dtype == "auto" or fp8 else weight_dtype, what="the Lens models")
@@ -87,6 +101,7 @@ class LensModelLoader:
         encoder = _load_once("te", te_path, dtype, lambda: load_text_encoder(te_path, device="cpu", dtype=dtype))
         tokenizer = _load_once("tok", te_path, None, lambda: load_tokenizer(te_path))
         vae = _load_once("vae", vae_path, dtype, lambda: load_vae(vae_path, device="cpu", dtype=dtype))
+        dit.swap_blocks(_blocks_on_cpu(dit, device) if blocks_on_cpu < 0 else min(blocks_on_cpu, dit.config.blocks - 1))
         if encoder.config.hidden != dit.config.text_width:
             raise ValueError(f"{text_encoder_name} gives {encoder.config.hidden}-wide features but {dit_name} expects "
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lens_core.device import model_bytes
+from ..lens_core.device import device_bytes
 from . import comfy_bridge
 from .comfy_bridge import compute_device, free_memory_for, offload_device, release_memory
 from .comfy_models import move_model, patcher_for
@@ -50,7 +50,7 @@ class Managed:
             yield self.model
             return
         if self.device.type != "cpu":
-            free_memory_for(model_bytes(self.model), self.device)
+            free_memory_for(device_bytes(self.model), self.device)
         move_model(self.model, self.device)
         try:
             yield self.model

@@ -340,3 +340,15 @@ def test_lora_loader_node_chains_and_strength_zero_is_identity(models_dir):
     assert not torch.allclose(with_lora, base, atol=1e-3)
     assert torch.allclose(turbo.run(twice, positive, latent, 1, 2)[0]["samples"], turbo.run(full, positive, latent, 1, 2)[0]["samples"], atol=1e-4)
     assert torch.equal(turbo.run(model, positive, latent, 1, 2)[0]["samples"], base)  # the loader's model is unchanged
+
+
+def test_block_swap_from_the_loader_gives_the_same_image(models_dir):
+    loader, turbo = NODES["LensPackModelLoader"](), NODES["LensPackTurboSampler"]()
+    names = ("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu", False)
+    model, te, _ = loader.load(*names, 1)
+    assert model.model.block_swap.indices == [1]
+    positive, _ = NODES["LensPackTextEncode"]().encode(te, "a red fox", "")
+    swapped = turbo.run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)[0]["samples"]
+    model, _, _ = loader.load(*names, 0)
+    assert model.model.block_swap is None
+    assert torch.equal(turbo.run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)[0]["samples"], swapped)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import LensInputError
 from ..norms import RMSNorm
+from .block_swap import BlockSwap
 from .rope import rope_frequencies, apply_rope
 
 TEXT_MASK_MODES = ("every_block", "first_block")
@@ -198,6 +199,7 @@ class LensDiT(nn.Module):
         self.config = cfg
         self.text_mask = text_mask
         self.compiled = False
+        self.block_swap: BlockSwap | None = None
         self.img_in = nn.Linear(cfg.in_channels, cfg.hidden)
         self.txt_norm = nn.ModuleList([RMSNorm(cfg.text_width, 1e-5) for _ in range(cfg.text_layers)])
         self.txt_in = nn.Linear(cfg.text_layers * cfg.text_width, cfg.hidden)
@@ -209,6 +211,36 @@ class LensDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
+
+    def swap_blocks(self, count: int) -> None:
+        """Keep the last `count` blocks in CPU memory and stream them to the compute device as they run
+        (see block_swap.py); 0 keeps every block on the model's device. Moving the model leaves them on the CPU."""
+        if not 0 <= count < self.config.blocks:
+            raise LensInputError(f"blocks on the CPU must be between 0 and {self.config.blocks - 1}, got {count}.")
+        if count == (len(self.block_swap.indices) if self.block_swap else 0):
+            return
+        if self.block_swap is not None:
+            device = self.device
+            for index in self.block_swap.indices:
+                self.transformer_blocks[index].to(device)
+        blocks = self.config.blocks
+        self.block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks))) if count else None
+        if count:
+            log.info("Lens: %d of %d denoiser blocks stay on the CPU (%.2f GB) and are streamed to the GPU as they run",
+                     count, blocks, self.block_swap.nbytes(self.transformer_blocks) / 1e9)
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts skip the swapped blocks: they stay in CPU memory (see swap_blocks)."""
+        swap = self.__dict__.get("block_swap")
+        if swap is None or not recurse:
+            return super()._apply(fn, recurse)
+        for name, child in self.named_children():
+            if name != "transformer_blocks":
+                child._apply(fn)
+        for index, block in enumerate(self.transformer_blocks):
+            if index not in swap:
+                block._apply(fn)
+        return super()._apply(fn, recurse=False)
 
     def compile_blocks(self, warm_up: bool = True) -> float:
         """Compile every block with torch.compile; returns the warm-up seconds.
@@ -272,9 +304,17 @@ class LensDiT(nn.Module):
 
         rope = rope_frequencies(h, w, text.shape[1], self.config.axes_dims, device)
         key_bias = None if text_mask is None else _key_bias(text_mask.to(device, torch.bool), h * w, dtype)
-        for index, block in enumerate(self.transformer_blocks):
-            masked = self.text_mask == "every_block" or index == 0
-            img, txt = block(img, txt, silu_temb, rope, key_bias if masked else None)
+        swap, blocks = self.block_swap, self.transformer_blocks
+        fetched = {swap.indices[0]: swap.fetch(blocks[swap.indices[0]], device)} if swap else {}
+        for index, block in enumerate(blocks):
+            args = (img, txt, silu_temb, rope, key_bias if self.text_mask == "every_block" or index == 0 else None)
+            if swap is not None and index in swap:
+                following = swap.next_after(index)
+                if following is not None:  # its copy overlaps this block's compute
+                    fetched[following] = swap.fetch(blocks[following], device)
+                img, txt = swap.run(block, fetched.pop(index), *args)
+            else:
+                img, txt = block(*args)
         return self.proj_out(self.norm_out(img, silu_temb))
 
 

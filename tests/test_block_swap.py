@@ -1,0 +1,73 @@
+"""Block swap: blocks kept in CPU memory and streamed to the compute device give the same outputs."""
+
+import pytest
+import torch
+
+from lens_core import LensDiT, LensInputError, apply_loras, load_dit
+from lens_core.dit.block_swap import auto_blocks_on_cpu
+from lens_core.demo import DEMO_DIT
+from model_files import TINY_DIT, random_dit_state, write_single
+
+META = torch.device("meta")
+
+
+def inputs():
+    torch.manual_seed(2)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    return torch.randn(2, 12, 128), torch.tensor([0.9, 0.4]), torch.randn(2, 5, 4, 48) * mask[..., None, None], mask, (3, 4)
+
+
+@pytest.fixture(scope="module")
+def dit_file(tmp_path_factory):
+    cfg = TINY_DIT.__class__(**{**TINY_DIT.__dict__, "blocks": 4})
+    return write_single(random_dit_state(cfg, seed=3), tmp_path_factory.mktemp("swap") / "dit.safetensors", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_swapped_blocks_give_the_same_output(dit_file, count):
+    reference = load_dit(dit_file, device="cpu", dtype=torch.float32)
+    swapped = load_dit(dit_file, device="cpu", dtype=torch.float32)
+    swapped.swap_blocks(count)
+    assert swapped.block_swap.indices == list(range(4 - count, 4))
+    assert torch.equal(swapped(*inputs()), reference(*inputs()))
+    swapped.swap_blocks(0)
+    assert swapped.block_swap is None and torch.equal(swapped(*inputs()), reference(*inputs()))
+
+
+def test_swapped_blocks_with_loras(dit_file, tmp_path):
+    from safetensors.torch import save_file
+
+    lora = {f"diffusion_model.transformer_blocks.{i}.img_mlp.w1.lora_{p}.weight": torch.randn(s) * 0.1
+            for i in (0, 3) for p, s in (("down", (4, 128)), ("up", (341, 4)))}
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    plain = apply_loras(load_dit(dit_file, device="cpu", dtype=torch.float32), [(tmp_path / "l.safetensors", 0.7)])
+    base = load_dit(dit_file, device="cpu", dtype=torch.float32)
+    base.swap_blocks(2)
+    assert torch.equal(apply_loras(base, [(tmp_path / "l.safetensors", 0.7)])(*inputs()), plain(*inputs()))
+
+
+def test_swapped_blocks_stay_on_the_cpu_and_stream_to_the_compute_device():
+    """The compute device here is `meta` (it fails on a CPU tensor as CUDA does): the swapped blocks' weights
+    stay on the CPU through a move of the model, and every forward streams them over."""
+    with META:
+        dit = LensDiT(DEMO_DIT)
+    for block in dit.transformer_blocks:
+        block.to_empty(device="cpu")
+    dit.swap_blocks(1)
+    for index, block in enumerate(dit.transformer_blocks):
+        if index != 1:
+            block.to_empty(device=META)
+    dit.to(META)
+    assert dit.device == META and next(dit.transformer_blocks[1].parameters()).device.type == "cpu"
+    features = torch.randn(1, 4, DEMO_DIT.text_layers, DEMO_DIT.text_width)
+    out = dit(torch.randn(1, 6, 128), torch.rand(1), features, None, (2, 3))
+    assert out.device == META and next(dit.transformer_blocks[1].parameters()).device.type == "cpu"
+
+
+def test_block_counts():
+    with pytest.raises(LensInputError, match="between 0 and 1"):
+        LensDiT(DEMO_DIT).swap_blocks(2)
+    gb = 1 << 30
+    assert auto_blocks_on_cpu(8 * gb, gb // 8, 48, free_bytes=24 * gb) == 0
+    assert auto_blocks_on_cpu(8 * gb, gb // 8, 48, free_bytes=8 * gb) == 32  # 4 GB short at 1/8 GB a block
+    assert auto_blocks_on_cpu(8 * gb, gb // 8, 48, free_bytes=gb) == 47
