@@ -226,7 +226,7 @@ class LensDiT(nn.Module):
         blocks = self.config.blocks
         self.block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks))) if count else None
         if count:
-            log.info("Lens: %d of %d denoiser blocks stay on the CPU (%.2f GB) and are streamed to the GPU as they run",
+            log.info("Lens: %d of %d denoiser blocks stay in CPU memory (%.2f GB) and stream to the compute device as they run",
                      count, blocks, self.block_swap.nbytes(self.transformer_blocks) / 1e9)
 
     def _apply(self, fn, recurse=True):
