@@ -37,3 +37,34 @@ def pytest_terminal_summary(terminalreporter):
 def _private_prompt_cache(tmp_path_factory, monkeypatch):
     """Keep the on-disk prompt cache of every test out of the user's home folder."""
     monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lens_cache"))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A ComfyUI models folder of tiny random files in the real formats, under the names Comfy-Org publishes,
+    set as the pack's models folder (for the node and workflow tests)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lens_core import DiTConfig
+    from lens_core.demo import demo_vae
+    from model_files import random_dit_state, write_single
+    from pack import import_pack
+    from te_files import hf_reference, write_comfy_nvfp4
+
+    root = tmp_path_factory.mktemp("models")
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+        (root / sub).mkdir()
+    state = random_dit_state(DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4))
+    write_single(state, root / "diffusion_models" / "lens_bf16.safetensors")
+    write_single(state, root / "diffusion_models" / "lens_turbo_bf16.safetensors")
+    model, _ = hf_reference(layers=24, experts=4, top_k=4, window=128, vocab=201088)
+    write_comfy_nvfp4(model, root / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")
+    save_file({k: v.contiguous() for k, v in demo_vae().model.state_dict().items()}, str(root / "vae" / "flux2-vae.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    lora = {f"diffusion_model.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.2
+            for name, rows, cols in (("transformer_blocks.0.attn.img_qkv", 384, 128), ("img_in", 128, 128))
+            for part, shape in (("down", (4, cols)), ("up", (rows, 4)))}
+    save_file(lora, str(root / "loras" / "lens_turbo_style_lora.safetensors"))
+    __import__(import_pack().__name__ + ".nodes.comfy_bridge", fromlist=["x"]).set_models_dir(root)
+    return root

@@ -9,7 +9,7 @@ from lens_core import load_dit
 from lens_core.quant import MXFP8Linear
 from model_files import mxfp8_state, random_dit_state, write_single
 
-from test_nodes import NODES, WORKFLOWS, image_source, models_dir, shrink  # noqa: F401 (models_dir is a fixture)
+from test_nodes import NODES, WORKFLOWS, image_source, shrink
 from workflow_runner import NativeNodes, run_workflow
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

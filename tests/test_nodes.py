@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from model_files import random_dit_state, write_single
 from pack import ROOT, import_pack
-from te_files import hf_reference, write_comfy_nvfp4
 from workflow_runner import NativeNodes, run_workflow, widget_names
 
 pack = import_pack()
@@ -48,32 +45,6 @@ def test_every_download_link_has_the_comfy_org_layout():
     assert links and not any("split_files" in link for link in links)
     for link in links:
         assert re.fullmatch(r"https://huggingface\.co/Comfy-Org/Lens(/resolve/main/(diffusion_models|text_encoders|vae)/[\w.-]+\.safetensors)?", link), link
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    """Tiny random files in the real formats, under the names Comfy-Org publishes."""
-    root = tmp_path_factory.mktemp("models")
-    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
-        (root / sub).mkdir()
-    cfg = __import__("lens_core").DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)
-    state = random_dit_state(cfg)
-    write_single(state, root / "diffusion_models" / "lens_bf16.safetensors")
-    write_single(state, root / "diffusion_models" / "lens_turbo_bf16.safetensors")
-    model, _ = hf_reference(layers=24, experts=4, top_k=4, window=128, vocab=201088)
-    write_comfy_nvfp4(model, root / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")
-    from lens_core.demo import demo_vae
-
-    vae_state = {k: v.contiguous() for k, v in demo_vae().model.state_dict().items()}
-    save_file(vae_state, str(root / "vae" / "flux2-vae.safetensors"))
-    generator = torch.Generator().manual_seed(0)
-    lora = {f"diffusion_model.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.2
-            for name, rows, cols in (("transformer_blocks.0.attn.img_qkv", 384, 128), ("img_in", 128, 128))
-            for part, shape in (("down", (4, cols)), ("up", (rows, 4)))}
-    save_file(lora, str(root / "loras" / "lens_turbo_style_lora.safetensors"))
-    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
-    bridge.set_models_dir(root)
-    return root
 
 
 def image_source():
