@@ -75,6 +75,9 @@ class LensModelLoader:
             "blocks_on_cpu": ("INT", {"default": 0, "min": -1, "max": 47, "tooltip": "Block swap for small GPUs: this many of the 48 "
                                       "denoiser blocks stay in CPU memory and stream to the GPU as they run (~170 MB each in bf16). "
                                       "-1: as many as the GPU's memory needs. 0: all on the GPU (fastest)."}),
+            "attention": (["sdpa", "sage"], {"default": "sdpa", "tooltip": "sdpa: PyTorch's attention, any device. sage: SageAttention "
+                                                                           "(needs the sageattention package, NVIDIA GPUs; passes with a padded "
+                                                                           "negative prompt still use sdpa)."}),
         }}
 
     @classmethod
@@ -90,7 +93,7 @@ class LensModelLoader:
         return "|".join(fingerprint)
 
     def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu", compile=False,
-             blocks_on_cpu=0):
+             blocks_on_cpu=0, attention="sdpa"):
         device = compute_device()
         fp8 = weight_dtype if weight_dtype in FP8_WEIGHT_DTYPES else None
         _, dtype = resolve_compute(device, None if weight_dtype == "auto" or fp8 else weight_dtype, what="the Lens models")
@@ -102,6 +105,7 @@ class LensModelLoader:
         tokenizer = _load_once("tok", te_path, None, lambda: load_tokenizer(te_path))
         vae = _load_once("vae", vae_path, dtype, lambda: load_vae(vae_path, device="cpu", dtype=dtype))
         dit.swap_blocks(_blocks_on_cpu(dit, device) if blocks_on_cpu < 0 else min(blocks_on_cpu, dit.config.blocks - 1))
+        dit.use_attention(attention)
         if encoder.config.hidden != dit.config.text_width:
             raise ValueError(f"{text_encoder_name} gives {encoder.config.hidden}-wide features but {dit_name} expects "
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")

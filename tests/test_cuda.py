@@ -64,3 +64,14 @@ def test_workflow_runs_on_the_gpu(workflow, models_dir, tmp_path, monkeypatch):
     run_workflow(shrink(workflow, tmp_path, 5), NODES, natives)
     (images,) = natives.saved
     assert devices == ["cuda"] and images.device.type == "cpu" and torch.isfinite(images).all()
+
+
+def test_sage_attention_matches_sdpa(tmp_path):
+    pytest.importorskip("sageattention", reason="SageAttention is not installed")
+    path = write_single(random_dit_state(), tmp_path / "dit.safetensors", dtype=torch.float32)
+    sdpa = load_dit(path, device="cuda", dtype=torch.bfloat16)
+    sage = load_dit(path, device="cuda", dtype=torch.bfloat16, attention="sage")
+    x, sigma, text, mask, grid = inputs("cuda")
+    reference = sdpa(x, sigma, text, None, grid).float()  # no mask: the only case SageAttention takes
+    assert (sage(x, sigma, text, None, grid).float() - reference).norm() / reference.norm() < 0.05
+    assert torch.equal(sage(x, sigma, text, mask, grid), sdpa(x, sigma, text, mask, grid))  # padded keys: SDPA either way

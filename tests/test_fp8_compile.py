@@ -97,3 +97,13 @@ def test_compiled_blocks_match_eager_and_reuse_the_graph_for_new_sizes(dit_file,
         expected = apply_loras(eager, [(tmp_path / "lora.safetensors", 1.0)])(*inputs())
         got = apply_loras(compiled, [(tmp_path / "lora.safetensors", 1.0)])(*inputs())
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4) and not torch.allclose(got, eager(*inputs()), atol=1e-3)
+
+
+def test_sage_attention_without_its_package_is_refused_before_loading(dit_file, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # as on a machine without it
+    with pytest.raises(LensInputError, match="attention 'sage' needs the sageattention package"):
+        load_dit(dit_file, device="cpu", attention="sage")
+    with pytest.raises(LensInputError, match="attention must be one of sdpa, sage"):
+        load_dit(dit_file, device="cpu", attention="flash")

@@ -112,7 +112,8 @@ def _swap_in_quantised(model: LensDiT, formats: dict[str, str], file_name: str) 
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             text_mask: str = "every_block", weight_dtype: str | None = None, compile: bool = False) -> LensDiT:
+             text_mask: str = "every_block", weight_dtype: str | None = None, compile: bool = False,
+             attention: str = "sdpa") -> LensDiT:
     """Load a Lens denoiser from any published layout (see module docstring).
 
     device: default the best accelerator (CUDA, XPU, MPS), else CPU. dtype: the compute dtype, bfloat16 where
@@ -123,6 +124,7 @@ def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, 
     0.67x the bytes, computed in `dtype`) or "fp8_e4m3fn_fast" (the same, multiplied fp8 x fp8 on GPUs with
     compute capability 8.9 and newer). Modulation and top-level layers keep `dtype` (see quant.FP8_KEEP).
     compile: compile the blocks with torch.compile (a warm-up at load; see `LensDiT.compile_blocks`).
+    attention: "sdpa" (default) or "sage" (SageAttention when installed; see `LensDiT.use_attention`).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens denoiser")
     if weight_dtype not in (None, *FP8_WEIGHT_DTYPES):
@@ -134,6 +136,7 @@ def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, 
     _check_config_json(ckpt, cfg)
     with torch.device("meta"):
         model = LensDiT(cfg, text_mask=text_mask)
+    model.use_attention(attention)  # before reading 8 GB: a missing package is reported at once
     _swap_in_quantised(model, _quantised_linears(ckpt, prefix), ckpt.name)
     check_against_checkpoint(model, ckpt.keys(), ckpt.shape, ckpt.name, prefix)
     # fp8 layers are quantised on the CPU, so the device never holds the full-precision weights.

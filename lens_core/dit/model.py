@@ -22,6 +22,7 @@ from .block_swap import BlockSwap
 from .rope import rope_frequencies, apply_rope
 
 TEXT_MASK_MODES = ("every_block", "first_block")
+ATTENTION_BACKENDS = ("sdpa", "sage")
 log = logging.getLogger("lens_core")
 
 
@@ -97,6 +98,13 @@ class JointAttention(nn.Module):
         self.norm_added_k = RMSNorm(cfg.head_dim, 1e-6)
         self.to_out = nn.ModuleList([nn.Linear(d, d)])
         self.to_add_out = nn.Linear(d, d)
+        self.sage = None  # sageattention's kernel, when the model chose it (LensDiT.use_attention)
+
+    def _attend(self, q, k, v, key_bias):
+        """SDPA, or SageAttention where chosen and usable: a CUDA bf16 pass with no padded text key (it takes no mask)."""
+        if self.sage is not None and key_bias is None and q.is_cuda and q.dtype == torch.bfloat16:
+            return self.sage(q, k, v, tensor_layout="HND", is_causal=False)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = qkv.shape
@@ -111,8 +119,7 @@ class JointAttention(nn.Module):
         q = apply_rope(torch.cat([self.norm_q(iq), self.norm_added_q(tq)], dim=2), rope, dtype)
         k = apply_rope(torch.cat([self.norm_k(ik), self.norm_added_k(tk)], dim=2), rope, dtype)
         v = torch.cat([iv, tv], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
-        out = out.transpose(1, 2).flatten(2)
+        out = self._attend(q, k, v, key_bias).transpose(1, 2).flatten(2)
         return self.to_out[0](out[:, :n_img]), self.to_add_out(out[:, n_img:])
 
 
@@ -211,6 +218,21 @@ class LensDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
+
+    def use_attention(self, backend: str) -> None:
+        """"sdpa" (PyTorch's, the default, any device) or "sage" (SageAttention, CUDA only, when installed; passes with
+        padded text keys still use SDPA, since SageAttention takes no mask)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise LensInputError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}.")
+        kernel = None
+        if backend == "sage":
+            try:
+                from sageattention import sageattn as kernel
+            except ImportError:
+                raise LensInputError("attention 'sage' needs the sageattention package (CUDA GPUs only: pip install sageattention); "
+                                     "'sdpa' works everywhere.") from None
+        for block in self.transformer_blocks:
+            block.attn.sage = kernel
 
     def swap_blocks(self, count: int) -> None:
         """Keep the last `count` blocks in CPU memory and stream them to the compute device as they run
