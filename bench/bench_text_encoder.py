@@ -79,19 +79,22 @@ def write_checkpoint(folder: Path) -> None:
     }))
 
 
-def child(folder: str, device: str) -> None:
+def child(folder: str, device: str, stream_experts: bool) -> None:
     from lens_core import encode_prompts, load_text_encoder, load_tokenizer
     from lens_core.text.prompt import PREFIX_TOKENS, render_and_tokenize
 
     start = time.perf_counter()
-    encoder = load_text_encoder(folder, device=device)
+    encoder = load_text_encoder(folder, device="cpu" if stream_experts else device)
+    if stream_experts:
+        encoder.set_expert_streaming(True)
+        encoder.move(device)
     loaded = time.perf_counter()
     tokenizer = load_tokenizer()
     prompt = " ".join(["a quiet harbour town at dawn, fishing boats, gulls, mist over the water"] * 18)
     ids = render_and_tokenize(tokenizer, prompt)
     result = encode_prompts(encoder, tokenizer, [prompt])
     done = time.perf_counter()
-    report = {"device": device, "dtype": str(encoder.dtype), "prompt_tokens": len(ids) - PREFIX_TOKENS - 22,
+    report = {"device": device, "stream_experts": stream_experts, "dtype": str(encoder.dtype), "prompt_tokens": len(ids) - PREFIX_TOKENS - 22,
               "sequence_tokens": len(ids), "features": list(result.features.shape), "load_seconds": round(loaded - start, 1),
               "encode_seconds": round(done - loaded, 2),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
@@ -104,15 +107,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stream-experts", action="store_true", help="expert banks stay in CPU memory")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(str(args.folder), args.device)
+        return child(str(args.folder), args.device, args.stream_experts)
     if not (args.folder / "config.json").exists():
         start = time.perf_counter()
         write_checkpoint(args.folder)
         print(f"wrote {args.folder} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    subprocess.run([sys.executable, __file__, str(args.folder), "--child", "--device", args.device], check=True)
+    subprocess.run([sys.executable, __file__, str(args.folder), "--child", "--device", args.device]
+                   + (["--stream-experts"] if args.stream_experts else []), check=True)
 
 
 if __name__ == "__main__":

@@ -53,5 +53,6 @@ else
     step vae python bench/bench_vae.py --device cuda
     step lora python bench/bench_lora.py --device cuda --ranks 16 64
     step text_encoder python bench/bench_text_encoder.py "${TE_DIR:-/tmp/lens_te_bench}" --device cuda
+    step text_encoder_streamed python bench/bench_text_encoder.py "${TE_DIR:-/tmp/lens_te_bench}" --device cuda --stream-experts
 fi
 cat "$SUMMARY"

@@ -106,9 +106,14 @@ def model_bytes(model) -> int:
 
 
 def device_bytes(model) -> int:
-    """What a model takes on its device: its weights less the blocks a block swap keeps in CPU memory."""
+    """What a model takes on its device: its weights less what stays in CPU memory by design (the blocks a block
+    swap keeps there, or a text encoder's streamed expert banks)."""
     swap = getattr(model, "block_swap", None)
-    return model_bytes(model) - (swap.nbytes(model.transformer_blocks) if swap is not None else 0)
+    if swap is not None:
+        return model_bytes(model) - swap.nbytes(model.transformer_blocks)
+    if getattr(model, "stream_experts", False):
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return model_bytes(model)
 
 
 def describe(what: str, model, runs_on: torch.device | None = None) -> str:

@@ -68,8 +68,10 @@ class LensModelLoader:
                                               "H100 and newer. fp16 is not offered: Lens overflows in fp16."}),
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
                                                                      "Off: each model moves to the GPU only while it runs."}),
-            "text_encoder_device": (["gpu", "cpu"], {"default": "gpu", "tooltip": "cpu: run GPT-OSS-20B on the CPU (~14 GB of RAM, "
-                                                                                 "no VRAM; slower, but prompts are cached on disk)."}),
+            "text_encoder_device": (["gpu", "cpu", "gpu_stream_experts"], {
+                "default": "gpu", "tooltip": "cpu: run GPT-OSS-20B on the CPU (~14 GB of RAM, no VRAM; slower, but prompts are cached on "
+                                             "disk). gpu_stream_experts: on the GPU with its expert banks (12 of its 13 GB) left in CPU "
+                                             "memory, each routed expert copied over as needed (~2.5 GB of VRAM)."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip": "Compile the denoiser's blocks with torch.compile: faster sampling after a "
                                                                  "warm-up at load (the log says how long); new sizes reuse it."}),
             "blocks_on_cpu": ("INT", {"default": 0, "min": -1, "max": 47, "tooltip": "Block swap for small GPUs: this many of the 48 "
@@ -111,6 +113,7 @@ class LensModelLoader:
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")
         resolved = guess_variant(dit_name, dit.file_metadata) if variant == "auto" else variant
         encoder_device = torch.device("cpu") if text_encoder_device == "cpu" else device
+        encoder.set_expert_streaming(text_encoder_device == "gpu_stream_experts")
         for what, model, runs_on in ((f"denoiser {dit_name} ({resolved})", dit, device),
                                      (f"text encoder {text_encoder_name}", encoder, encoder_device), (f"VAE {vae_name}", vae, device)):
             log.info("Lens Model Loader: %s", describe(what, model, runs_on))

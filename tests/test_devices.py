@@ -141,3 +141,20 @@ def test_dtype_defaults_follow_the_device(monkeypatch, caplog):
     assert resolve_compute("cuda", None, "the test model") == (torch.device("cuda"), torch.bfloat16)
     with pytest.raises(LensInputError, match="overflows in fp16"):
         resolve_compute("cuda", "fp16", "the test model")
+
+
+def test_streamed_experts_stay_in_cpu_memory_and_decode_where_asked():
+    from lens_core.demo import demo_text_encoder
+    from lens_core.device import device_bytes, model_bytes
+
+    encoder = demo_text_encoder()
+    ids = torch.randint(0, 1000, (1, 9))
+    before = encoder.features(ids, layers=(1, 3))
+    encoder.set_expert_streaming(True)
+    assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
+    banks = sum(bank.weights.numel() * bank.weights.element_size() for bank in encoder.expert_banks())
+    assert banks > 0 and device_bytes(encoder) == model_bytes(encoder) - banks
+    encoder.move(META)
+    bank = encoder.layers[0].mlp.gate_up
+    assert encoder.device == META and bank.weights.device.type == "cpu"
+    assert bank.weight(1, torch.bfloat16, META).device == META

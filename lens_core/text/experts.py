@@ -2,7 +2,8 @@
 
 Dequantised to bf16 the 24 layers x 32 experts are ~38 GB; packed they are ~12 GB. The encoder
 only needs the experts its tokens are routed to, so each bank hands out `weight(e)` -> [out, in]
-for a single expert, decoded on the spot. Formats:
+for a single expert, decoded on the spot, on the device that asks (a bank kept in CPU memory sends only
+that expert's packed bytes over: expert streaming). Formats:
 - MXFP4 (Microsoft/OpenAI HF files): `*_blocks` uint8 [E, out, G, 16] (two E2M1 codes per byte,
   low nibble = even element) + `*_scales` uint8 [E, out, G] (E8M0: 2^(s-127)), 32 values per block.
 - NVFP4 (Comfy-Org's file): packed uint8 [E, out, in/2] (high nibble = even element), swizzled
@@ -43,12 +44,17 @@ class MXFP4Bank:
         self.num_experts, self.out_features = blocks.shape[:2]
         self.in_features = blocks.shape[2] * 32
 
-    def weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_mxfp4(self.blocks[expert], self.scales[expert], torch.float32).to(dtype)
+    def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        device = device or self.blocks.device
+        return dequantize_mxfp4(self.blocks[expert].to(device, non_blocking=True), self.scales[expert].to(device, non_blocking=True),
+                                torch.float32).to(dtype)
 
     def to(self, device) -> "MXFP4Bank":
         self.blocks, self.scales = self.blocks.to(device), self.scales.to(device)
         return self
+
+    def pin(self) -> None:
+        self.blocks, self.scales = self.blocks.pin_memory(), self.scales.pin_memory()
 
 
 class NVFP4Bank:
@@ -57,14 +63,19 @@ class NVFP4Bank:
         self.num_experts, self.out_features = packed.shape[:2]
         self.in_features = packed.shape[2] * 2
 
-    def weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        device = device or self.packed.device
         return comfy_kitchen.dequantize_nvfp4(
-            self.packed[expert], self.expert_scales[expert].float(), self.block_scales[expert], output_type=torch.float32
+            self.packed[expert].to(device, non_blocking=True), self.expert_scales[expert].float().to(device),
+            self.block_scales[expert].to(device, non_blocking=True), output_type=torch.float32
         ).to(dtype)
 
     def to(self, device) -> "NVFP4Bank":
         self.packed, self.block_scales, self.expert_scales = (t.to(device) for t in (self.packed, self.block_scales, self.expert_scales))
         return self
+
+    def pin(self) -> None:
+        self.packed, self.block_scales, self.expert_scales = (t.pin_memory() for t in (self.packed, self.block_scales, self.expert_scales))
 
 
 class DenseBank:
@@ -73,10 +84,13 @@ class DenseBank:
         self.num_experts = weights.shape[0]
         self.out_features, self.in_features = (weights.shape[2], weights.shape[1]) if transposed else weights.shape[1:]
 
-    def weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        w = self.weights[expert]
+    def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        w = self.weights[expert].to(device or self.weights.device, non_blocking=True)
         return (w.T if self.transposed else w).to(dtype)
 
     def to(self, device) -> "DenseBank":
         self.weights = self.weights.to(device)
         return self
+
+    def pin(self) -> None:
+        self.weights = self.weights.pin_memory()

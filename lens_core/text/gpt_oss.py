@@ -124,12 +124,12 @@ class MoE(nn.Module):
         for expert in top_experts.unique().tolist():
             rows, slot = (top_experts == expert).nonzero(as_tuple=True)
             tokens = flat[rows]
-            gate_up = F.linear(tokens, self.gate_up.weight(expert, flat.dtype), self.gate_up_bias[expert])
+            gate_up = F.linear(tokens, self.gate_up.weight(expert, flat.dtype, flat.device), self.gate_up_bias[expert])
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
             gate = gate.clamp(max=cfg.swiglu_limit)
             up = up.clamp(-cfg.swiglu_limit, cfg.swiglu_limit)
             hidden = (up + 1) * (gate * torch.sigmoid(gate * cfg.swiglu_alpha))
-            expert_out = F.linear(hidden, self.down.weight(expert, flat.dtype), self.down_bias[expert])
+            expert_out = F.linear(hidden, self.down.weight(expert, flat.dtype, flat.device), self.down_bias[expert])
             out.index_add_(0, rows, expert_out.float() * top_weights[rows, slot, None])
         return out.to(x.dtype).view(x.shape)
 
@@ -151,6 +151,7 @@ class GptOssEncoder(nn.Module):
     def __init__(self, cfg: GptOssConfig):
         super().__init__()
         self.config = cfg
+        self.stream_experts = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.layers)])
         inv_freq, self.rope_scale = yarn_inv_freq_and_scale(cfg)
@@ -169,11 +170,23 @@ class GptOssEncoder(nn.Module):
         return [bank for layer in self.layers for bank in (layer.mlp.gate_up, layer.mlp.down) if bank is not None]
 
     def move(self, device) -> "GptOssEncoder":
-        """Move the model and its packed expert banks."""
+        """Move the model and its packed expert banks (which stay in CPU memory while experts are streamed)."""
         self.to(device)
         for bank in self.expert_banks():
-            bank.to(device)
+            bank.to("cpu" if self.stream_experts else device)
         return self
+
+    def set_expert_streaming(self, on: bool) -> None:
+        """Keep the packed expert banks (12 of the 13 GB) in CPU memory and copy each routed expert to the compute
+        device as a layer needs it: the GPU holds ~2.5 GB (attention and embeddings) instead of ~13 GB."""
+        if on == self.stream_experts:
+            return
+        self.stream_experts = on
+        pin = on and torch.cuda.is_available()
+        for bank in self.expert_banks():
+            bank.to("cpu")
+            if pin:
+                bank.pin()
 
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
         """[B, 1, S, S] float32: 0 where a query may see a key, -inf elsewhere (causal, padding, window)."""
