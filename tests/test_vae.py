@@ -154,3 +154,21 @@ def test_matches_diffusers_flux2_vae_on_other_sizes(tmp_path, widths, layers, la
         mean = ref.encode(image).latent_dist.mean
         expected_latent = (fold(mean) - ref.bn.running_mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         assert (vae.encode(image) - expected_latent).abs().max() <= 1e-4
+
+
+def test_automatic_tiles_are_as_large_as_memory_allows(monkeypatch):
+    from lens_core.demo import demo_vae
+    from lens_core.vae import autoencoder
+
+    vae = demo_vae()
+    per_tile = {tile: vae.decode_bytes(tile * 16, tile * 16) for tile in (32, 40, 48, 56)}
+    assert vae.largest_tile(90, 90, available=int(per_tile[48] / 0.8)) == 48
+    assert vae.largest_tile(90, 90, available=0) == autoencoder.DEFAULT_TILE
+    assert vae.largest_tile(40, 20, available=1 << 60) == 32  # never a tile as large as the latent itself
+    latent = torch.randn(1, 128, 40, 20)
+    monkeypatch.setattr(autoencoder, "_available_bytes", lambda device: vae.decode_bytes(640, 320) // 2)  # too little for one pass
+    calls = []
+    original = vae._decode_untiled
+    monkeypatch.setattr(vae, "_decode_untiled", lambda x: calls.append(tuple(x.shape[-2:])) or original(x))
+    vae.decode(latent)
+    assert len(calls) > 1 and all(shape[0] <= 32 and shape[1] <= 32 for shape in calls)

@@ -116,12 +116,21 @@ class LensVAE:
         widest_full_res = self.model.config.channels
         return 8 * widest_full_res * height * width * self.dtype.itemsize
 
+    def largest_tile(self, height: int, width: int, available: int) -> int:
+        """The largest square tile (Lens latent positions, a multiple of 8, at least DEFAULT_TILE) whose decode fits in
+        `available` bytes: fewer, larger tiles mean less overlap recomputed and fewer seams."""
+        scale, tile = self.pixels_per_latent, DEFAULT_TILE
+        while tile + 8 < max(height, width) and self.decode_bytes((tile + 8) * scale, (tile + 8) * scale) <= 0.8 * available:
+            tile += 8
+        return tile
+
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor, tile: bool | None = None, tile_size: int = DEFAULT_TILE,
+    def decode(self, latent: torch.Tensor, tile: bool | None = None, tile_size: int | None = None,
                overlap: int = DEFAULT_OVERLAP, clamp: bool = True) -> torch.Tensor:
         """latent [B, 128, h, w] -> image [B, 3, 16h, 16w] in [-1, 1] (float32, on the CPU).
 
-        tile: None = decide from free memory; True / False force it.
+        tile: None = decide from free memory; True / False force it. tile_size (Lens latent positions): None = the
+        largest that fits when tiling was decided from memory, DEFAULT_TILE (512 pixels) when forced.
         """
         if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
             raise LensInputError(
@@ -129,11 +138,13 @@ class LensVAE:
                 f"[B, {self.latent_channels}, h, w] (a Lens latent). SD/SDXL/FLUX latents have 4 or 16 channels."
             )
         h, w = latent.shape[-2:]
-        if tile is None:
+        available, auto = _available_bytes(self.device), tile is None
+        if auto:
             scale = self.pixels_per_latent
-            tile = self.decode_bytes(h * scale, w * scale) > 0.8 * _available_bytes(self.device)
+            tile = self.decode_bytes(h * scale, w * scale) > 0.8 * available
             if tile:
                 log.info("Lens VAE: decoding %dx%d in tiles (not enough free memory for one pass)", w * scale, h * scale)
+        tile_size = tile_size or (self.largest_tile(h, w, available) if auto else DEFAULT_TILE)
         if tile and (h > tile_size or w > tile_size):
             image = tiled_apply(self._decode_untiled, latent, tile_size, overlap, self.pixels_per_latent, 1, 3)
         else:
