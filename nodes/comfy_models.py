@@ -11,6 +11,7 @@ at once with the model's own mover. Partial loading is not offered to ComfyUI: a
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -28,6 +29,7 @@ def move_model(model, device) -> None:
         model.to(device)
 
 
+@functools.lru_cache(maxsize=None)
 def lens_patcher_class(base: type) -> type:
     """A ModelPatcher subclass (of ComfyUI's class `base`) for one whole Lens model."""
 
