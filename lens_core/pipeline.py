@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -14,7 +13,6 @@ from .presets import VARIANTS, check_variant_settings, size_warnings
 from .sampling import check_settings, make_noise, sample
 from .text.prompt import FROZEN_DATE, encode_prompts
 
-log = logging.getLogger("lens_core")
 
 
 def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -12,12 +12,10 @@ at once with the model's own mover. Partial loading is not offered to ComfyUI: a
 from __future__ import annotations
 
 import functools
-import logging
 import weakref
 
 from ..lens_core.device import device_bytes
 
-log = logging.getLogger("lens_core")
 _patchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
