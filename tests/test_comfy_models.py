@@ -124,3 +124,17 @@ def test_a_patcher_forgotten_without_unpatching_leaves_the_model_in_place(manage
         pass
     manager.requests[0].detach(unpatch_all=False)  # what ComfyUI does when a patcher is replaced or collected
     assert model.device == GPU and model.moves == [GPU]
+
+
+def test_the_manager_counts_only_what_goes_to_the_gpu(manager):
+    from lens_core.demo import demo_dit, demo_text_encoder
+    from lens_core.device import model_bytes
+
+    comfy_models = __import__(pack.__name__ + ".nodes.comfy_models", fromlist=["x"])
+    dit = demo_dit()
+    dit.swap_blocks(1)
+    patcher = comfy_models.patcher_for(dit, GPU, torch.device("cpu"), StandInPatcher)
+    assert patcher.size == model_bytes(dit) - model_bytes(dit.transformer_blocks[1])
+    encoder = demo_text_encoder()
+    encoder.set_expert_streaming(True)
+    assert comfy_models.patcher_for(encoder, GPU, torch.device("cpu"), StandInPatcher).size < model_bytes(encoder)

@@ -107,3 +107,25 @@ def test_sage_attention_without_its_package_is_refused_before_loading(dit_file, 
         load_dit(dit_file, device="cpu", attention="sage")
     with pytest.raises(LensInputError, match="attention must be one of sdpa, sage"):
         load_dit(dit_file, device="cpu", attention="flash")
+
+
+def test_fast_fp8_falls_back_once_when_the_gpu_refuses(dit_file, monkeypatch, caplog):
+    import logging
+
+    import lens_core.quant as quant
+
+    fast = load_dit(dit_file, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn_fast")
+    slow = load_dit(dit_file, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn")
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("Only rowwise scaling on sm90 is supported")
+
+    monkeypatch.setattr(quant, "has_fp8_tensor_cores", lambda device: True)  # as on an RTX 4090 / H100
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    monkeypatch.setattr(Fp8Linear, "fast_path_failed", False)
+    with caplog.at_level(logging.WARNING, logger="lens_core"):
+        out = fast(*inputs())
+    assert torch.equal(out, slow(*inputs())) and len(calls) == 1
+    assert caplog.text.count("fp8 x fp8 matmuls are not available here") == 1
