@@ -155,7 +155,6 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.strengths: list[float] = []
         self.downs = nn.ParameterList()
         self.ups = nn.ParameterList()
         self.param_dtype = dtype
@@ -169,7 +168,6 @@ class LoRALinear(nn.Module):
         """Fold strength and scale into the up matrix once, so the forward pays two small matmuls per LoRA."""
         self.downs.append(nn.Parameter(layer.down.to(device, self.param_dtype), requires_grad=False))
         self.ups.append(nn.Parameter((layer.up * (strength * layer.scale)).to(device, self.param_dtype), requires_grad=False))
-        self.strengths.append(strength)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -219,11 +217,9 @@ def _patched(root: nn.Module, name: str, layer: LoRALayer, strength: float, dtyp
         parent = child
     current = parent._modules[leaf]
     if isinstance(current, LoRALinear):
-        wrapper = LoRALinear(current.base, current.param_dtype)
-        for down, up, s in zip(current.downs, current.ups, current.strengths):
-            wrapper.downs.append(down)
-            wrapper.ups.append(up)
-            wrapper.strengths.append(s)
+        wrapper = LoRALinear(current.base, current.param_dtype)  # a new wrapper: the old one still serves its own model
+        wrapper.downs.extend(current.downs)
+        wrapper.ups.extend(current.ups)
     else:
         wrapper = LoRALinear(current, dtype)
     wrapper.add(layer, strength, current.weight.device)
