@@ -96,13 +96,20 @@ def resolve_compute(device, dtype, what: str) -> tuple[torch.device, torch.dtype
     return device, dtype
 
 
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bank_bytes(module) -> int:
+    """The text encoder's packed expert banks (plain objects, not parameters or buffers)."""
+    banks = module.expert_banks() if hasattr(module, "expert_banks") else []
+    return _tensor_bytes(t for bank in banks for t in vars(bank).values() if isinstance(t, torch.Tensor))
+
+
 def model_bytes(model) -> int:
     """Bytes of a model's weights, packed expert banks included (what it takes on its device)."""
     module = getattr(model, "model", model)
-    tensors = list(module.parameters()) + list(module.buffers())
-    for bank in module.expert_banks() if hasattr(module, "expert_banks") else []:
-        tensors += [t for t in vars(bank).values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return _tensor_bytes([*module.parameters(), *module.buffers()]) + _bank_bytes(module)
 
 
 def device_bytes(model) -> int:
@@ -112,7 +119,7 @@ def device_bytes(model) -> int:
     if swap is not None:
         return model_bytes(model) - swap.nbytes(model.transformer_blocks)
     if getattr(model, "stream_experts", False):
-        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        return model_bytes(model) - _bank_bytes(model)
     return model_bytes(model)
 
 

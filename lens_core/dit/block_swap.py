@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..device import model_bytes
+
 _RESERVE_BYTES = 4 << 30  # activations of a 1440x1440 CFG step with room to spare
 
 
@@ -38,7 +40,7 @@ class BlockSwap:
         return index in self.indices
 
     def nbytes(self, blocks: nn.ModuleList) -> int:
-        return sum(t.numel() * t.element_size() for i in self.indices for t in block_tensors(blocks[i]).values())
+        return sum(model_bytes(blocks[i]) for i in self.indices)
 
     def fetch(self, block: nn.Module, device: torch.device):
         """Start copying a swapped block to `device`; returns what `run` needs. On CUDA the copy runs on a side stream."""
