@@ -199,6 +199,10 @@ def sample(
     cond = _text_on_device(*cond, device, dtype)
     uncond = _text_on_device(*uncond, device, dtype) if use_cfg else None
     sigmas = sigmas.to(device, torch.float32)
+    if use_cfg and batch_cfg:  # both passes as one batch: the text is joined once, not every step
+        text = (torch.cat([cond[0], uncond[0]]), _join_masks(cond[1], uncond[1], cond[0]))
+    else:
+        text = None
     x = latent_to_tokens(noise.to(device, torch.float32))
     if init_latent is not None and denoise < 1.0:
         x = (1.0 - sigmas[0]) * latent_to_tokens(init_latent.to(device, torch.float32)) + sigmas[0] * x
@@ -207,7 +211,7 @@ def sample(
         if should_stop is not None and should_stop():
             raise Cancelled()
         sigma = sigmas[i].expand(batch)
-        v = _velocity(dit, x, sigma, cond, uncond, cfg, (h, w), batch_cfg)
+        v = _velocity(dit, x, sigma, cond, uncond, cfg, (h, w), text)
         x0 = x - sigmas[i] * v
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         if callback is not None:
@@ -215,13 +219,12 @@ def sample(
     return tokens_to_latent(x, (h, w))
 
 
-def _velocity(dit, x, sigma, cond, uncond, cfg, grid, batch_cfg) -> torch.Tensor:
-    """The (guided) velocity in float32; both passes in one batch when `batch_cfg`."""
+def _velocity(dit, x, sigma, cond, uncond, cfg, grid, batched_text) -> torch.Tensor:
+    """The (guided) velocity in float32; both passes in one batch when `batched_text` (cond and uncond joined) is given."""
     if uncond is None:
         return dit(x, sigma, cond[0], cond[1], grid).float()
-    if batch_cfg:
-        mask = _join_masks(cond[1], uncond[1], cond[0])
-        v = dit(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond[0], uncond[0]]), mask, grid).float()
+    if batched_text is not None:
+        v = dit(torch.cat([x, x]), torch.cat([sigma, sigma]), *batched_text, grid).float()
         v_cond, v_uncond = v.chunk(2)
     else:
         v_cond = dit(x, sigma, cond[0], cond[1], grid).float()
