@@ -5,9 +5,11 @@
 #
 # The device machine has no internet but has torch, transformers, safetensors, einops, tiktoken, pillow
 # and pytest. What else the tests need travels with the repository, prepared here:
-#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_wheels comfy-kitchen tokenizers diffusers
-# then comfy-kitchen's pure-Python part is unpacked into .gpu_site (its compiled *.so and backends/hip
-# dropped: too large to carry, and its eager backend is all the tests use) and put on PYTHONPATH;
+#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_wheels comfy-kitchen tokenizers
+#   pip wheel --no-deps -w .gpu_wheels "git+https://github.com/huggingface/diffusers@d004842010be438a786e851450e7125780ae6c8e"
+# (the second is diffusers with the Lens port, the reference that bench_vs_reference.py runs; its pull request
+# is not in a release), then comfy-kitchen's pure-Python part is unpacked into .gpu_site (its compiled *.so and
+# backends/hip dropped: too large to carry, and its eager backend is all the tests use) and put on PYTHONPATH;
 # the other wheels are installed from .gpu_wheels when present.
 # Set QUICK=1 for a smoke run (small sizes; what a CPU machine can do to test this script).
 set -uo pipefail
@@ -36,6 +38,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     step sampling python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --mode compiled
     step sampling_swap python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --blocks-on-cpu 1
     step lora python bench/bench_lora.py --device "$DEV" --blocks 2 --size 256 --ranks 16
+    step dit_vs_reference python bench/bench_vs_reference.py --device "$DEV" --blocks 1 --size 256 --batch 2 --repeats 2
 else
     # Most wanted first: each step's output is kept even if the device time runs out later.
     step tests python -m pytest -q -rs tests
@@ -43,6 +46,9 @@ else
     step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
     step sampling_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24
     step sampling_fp8_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24 --mode fp8_fast
+    for batch in 1 2; do
+        step "dit_vs_reference_1024_b${batch}" python bench/bench_vs_reference.py --device cuda --size 1024 --batch $batch
+    done
     for size in 1024 1440; do
         for batch in 1 2; do
             step "dit_${size}_b${batch}_eager" python bench/bench_dit.py --device cuda --blocks 48 --size $size --batch $batch --mode eager

@@ -137,3 +137,37 @@ def test_fused_norm_and_rope_equal_the_spelled_out_float32_math():
     even, odd = x[..., 0::2], x[..., 1::2]
     expected = torch.stack([even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()], dim=-1).flatten(-2)
     assert torch.allclose(apply_rope(x, rope, torch.float32), expected, atol=1e-6)
+
+
+def _diffusers_lens_port():
+    try:
+        from diffusers import LensTransformer2DModel
+    except ImportError:
+        pytest.skip("this diffusers has no LensTransformer2DModel (the Lens port is in diffusers' pull request, not a release); "
+                    "the goldens cover the same code")
+    return LensTransformer2DModel
+
+
+@pytest.mark.parametrize("lengths", [[9], [9, 4]])
+def test_matches_diffusers_port_at_real_width(tmp_path, lengths):
+    """The reference model itself at the real width (1536, 24 heads, RoPE axes 8/28/28, text 4 x 2880), two blocks,
+    its state dict saved as a file and loaded by load_dit: the goldens are tiny; this covers the real head layout."""
+    torch.manual_seed(0)
+    reference = _diffusers_lens_port()(num_layers=2).eval()
+    for name, tensor in reference.state_dict().items():
+        if "norm" in name:
+            tensor.normal_(1.0, 0.1)
+        elif name.endswith("bias"):
+            tensor.normal_(0.0, 0.02)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    dit = load_dit(write_single(state, tmp_path / "dit.safetensors", dtype=torch.float32), device="cpu", text_mask="first_block")
+    h, w = 3, 5
+    b, s = len(lengths), max(lengths)
+    x = torch.randn(b, h * w, 128)
+    sigma = torch.rand(b)
+    mask = torch.arange(s)[None] < torch.tensor(lengths)[:, None]
+    text = torch.randn(b, s, 4, 2880) * mask[..., None, None]
+    with torch.no_grad():
+        expected = reference(x, list(text.unbind(2)), mask, sigma, [(1, h, w)] * b, return_dict=False)[0]
+        out = dit(x, sigma, text, mask, (h, w))
+    assert (out - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
