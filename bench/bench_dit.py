@@ -1,7 +1,7 @@
 """Denoiser benchmark: per-forward time, TFLOP/s, share of the GPU's bf16 peak and peak memory; load-time peak RSS.
 
     python bench/bench_dit.py                      # CUDA: real size at 1024^2; CPU: 4 blocks at 512^2
-    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda --batch 2 --mode compiled   # eager / compiled / fp8 / fp8_fast
+    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda --batch 2 --mode compiled   # eager / compiled / compiled_cudagraphs / fp8 / fp8_fast
     python bench/bench_dit.py --load-test /tmp/lens_bench   # writes a 4.1B-parameter bf16 file once, loads it in a child
     python bench/bench_dit.py --load-test /tmp/lens_bench --load-format fp32-shards   # Microsoft's 2 fp32 shards -> bf16
 """
@@ -24,7 +24,7 @@ from lens_core import DiTConfig, LensDiT  # noqa: E402
 from lens_core.quant import to_fp8_weights  # noqa: E402
 from streaming_writer import write_streaming  # noqa: E402
 
-
+MODES = ("eager", "compiled", "compiled_cudagraphs", "fp8", "fp8_fast")
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs this is usually run on, by a part of their name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
@@ -39,12 +39,12 @@ def forward_flops(cfg: DiTConfig, image_tokens: int, text_tokens: int, batch: in
 
 
 def benchmark_dit(blocks: int, device, dtype: torch.dtype, mode: str) -> tuple[LensDiT, float]:
-    """A random real-width denoiser in one of the modes (eager / compiled / fp8 / fp8_fast) and its compile warm-up seconds."""
+    """A random real-width denoiser in one of MODES and its compile warm-up seconds."""
     with torch.device(device):
         model = LensDiT(DiTConfig(blocks=blocks)).to(dtype).eval()
     if mode.startswith("fp8"):
         model = to_fp8_weights(model, fast=mode == "fp8_fast")
-    return model, model.compile_blocks() if mode == "compiled" else 0.0
+    return model, model.compile_blocks(cuda_graphs=mode == "compiled_cudagraphs") if mode.startswith("compiled") else 0.0
 
 
 def forward_benchmark(blocks: int, size: int, device: str, dtype: torch.dtype, repeats: int, batch: int = 1, mode: str = "eager") -> dict:
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=("bf16", "fp32"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="2 = one CFG step")
-    parser.add_argument("--mode", choices=("eager", "compiled", "fp8", "fp8_fast"), default="eager")
+    parser.add_argument("--mode", choices=MODES, default="eager")
     parser.add_argument("--load-test", type=Path, help="folder for the full-size file (written once, 8.2 GB)")
     parser.add_argument("--load-format", choices=("bf16", "fp32-shards"), default="bf16")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Sampling benchmark: the whole `lens_core.sample` loop (the denoiser's time per image), one JSON line per run.
 
     python bench/bench_sampling.py                       # CUDA: real size, Turbo 4 steps and Lens 20 steps CFG 5 at 1024^2 and 1440^2
-    python bench/bench_sampling.py --mode compiled           # or fp8_fast (see bench_dit.py --mode)
+    python bench/bench_sampling.py --mode compiled           # or compiled_cudagraphs, fp8_fast (see bench_dit.py --mode)
     python bench/bench_sampling.py --device cpu --blocks 2 --sizes 256 --lens-steps 2   # a CPU smoke run
 
 Random real-size weights (the speed does not depend on their values); 128 positive text tokens, the empty
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dit import benchmark_dit  # noqa: E402
+from bench_dit import MODES, benchmark_dit  # noqa: E402
 from lens_core import make_noise, sample  # noqa: E402
 from lens_core.device import default_device, resolve_compute  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--turbo-steps", type=int, default=4)
     parser.add_argument("--lens-steps", type=int, default=20)
     parser.add_argument("--text-tokens", type=int, default=128)
-    parser.add_argument("--mode", choices=("eager", "compiled", "fp8", "fp8_fast"), default="eager")
+    parser.add_argument("--mode", choices=MODES, default="eager")
     parser.add_argument("--blocks-on-cpu", type=int, default=0, help="block swap: blocks kept in CPU memory")
     args = parser.parse_args()
     device, dtype = resolve_compute(args.device, args.dtype, "the benchmark denoiser")

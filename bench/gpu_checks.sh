@@ -44,6 +44,7 @@ else
     step tests python -m pytest -q -rs tests
     step sampling_eager python bench/bench_sampling.py --device cuda --mode eager
     step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
+    step sampling_compiled_cudagraphs_1024 python bench/bench_sampling.py --device cuda --sizes 1024 --mode compiled_cudagraphs
     step sampling_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24
     step sampling_fp8_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24 --mode fp8_fast
     for batch in 1 2; do

@@ -264,15 +264,18 @@ class LensDiT(nn.Module):
                 block._apply(fn)
         return super()._apply(fn, recurse=False)
 
-    def compile_blocks(self, warm_up: bool = True) -> float:
+    def compile_blocks(self, warm_up: bool = True, cuda_graphs: bool = False) -> float:
         """Compile every block with torch.compile; returns the warm-up seconds.
 
         All 48 blocks share one compiled graph (their weights are graph inputs), and shapes are dynamic, so a
         new image size or prompt length reuses it. The warm-up compiles the shapes a run meets first: batch 1
         (Turbo) and batch 2 with a padded prompt (CFG); torch specialises size-1 batches, hence both.
+        cuda_graphs: also replay each block as a CUDA graph (torch.compile's "reduce-overhead"), an experiment for
+        Turbo's few steps where launch overhead weighs most (bench_sampling.py --mode compiled_cudagraphs); each
+        new shape records 48 graphs. Without CUDA it compiles as usual.
         """
         for block in self.transformer_blocks:
-            block.compile(dynamic=True)
+            block.compile(dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
         self.compiled = True
         started = time.perf_counter()
         if warm_up:
