@@ -89,3 +89,14 @@ def test_compiled_blocks_match_eager_on_cuda(tmp_path, cuda_graphs):
         reference = eager(x_run, sigma, text, mask, grid_run).float()
         out = compiled(x_run, sigma, text, mask, grid_run).float()
         assert (out - reference).norm() / reference.norm() < 0.02
+
+
+def test_streamed_weights_are_page_locked_and_copy_asynchronously():
+    from lens_core.pinned import PinnedGroup
+
+    originals = [torch.randn(1000, 1000).bfloat16(), torch.arange(10)]
+    group = PinnedGroup(originals)
+    assert group.pinned and all(t.is_pinned() for t in group.tensors)
+    copies = [t.to("cuda", non_blocking=True) for t in group.tensors]
+    torch.cuda.synchronize()
+    assert all(torch.equal(c.cpu(), t) for c, t in zip(copies, originals))

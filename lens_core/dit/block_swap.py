@@ -1,4 +1,4 @@
-"""Block swap: some of the denoiser's blocks stay in (pinned) CPU memory and are streamed to the GPU as they run.
+"""Block swap: some of the denoiser's blocks stay in (page-locked) CPU memory and are streamed to the GPU as they run.
 
 Each swapped block is copied to the compute device just before it is needed, on a side CUDA stream and one
 swapped block ahead, so the copy of block i+1 overlaps the compute of block i; the copies are dropped after
@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..device import model_bytes
+from ..pinned import PinnedGroup
 
 _RESERVE_BYTES = 4 << 30  # activations of a 1440x1440 CFG step with room to spare
 
@@ -32,9 +33,16 @@ class BlockSwap:
     def __init__(self, blocks: nn.ModuleList, indices: list[int]):
         self.indices = sorted(indices)
         self._stream = None
-        pin = torch.cuda.is_available()
-        for index in self.indices:
-            blocks[index]._apply(lambda t: t.to("cpu").pin_memory() if pin else t.to("cpu"))
+        self._pinned = [self._pin(blocks[index]) for index in self.indices]
+
+    @staticmethod
+    def _pin(block: nn.Module) -> PinnedGroup:
+        """Move a block's tensors into one page-locked CPU buffer of their exact size (see pinned.py)."""
+        tensors = list(block_tensors(block).values())
+        group = PinnedGroup(tensors)
+        copies = {id(t): copy for t, copy in zip(tensors, group.tensors)}
+        block._apply(lambda t: copies[id(t)])
+        return group
 
     def __contains__(self, index: int) -> bool:
         return index in self.indices

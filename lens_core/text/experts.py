@@ -17,6 +17,8 @@ import comfy_kitchen
 import torch
 import torch.nn.functional as F
 
+from ..pinned import PinnedGroup
+
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -38,7 +40,30 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return values.flatten(-2).to(dtype)
 
 
-class MXFP4Bank:
+class _Bank:
+    """What every bank format shares: its packed tensors (named in TENSORS), their moves, and pinning for streaming."""
+
+    TENSORS: tuple[str, ...] = ()
+    _pinned: PinnedGroup | None = None
+
+    def to(self, device) -> "_Bank":
+        for name in self.TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
+        if torch.device(device).type != "cpu":
+            self._pinned = None  # the page-locked copies are no longer used: release them
+        return self
+
+    def pin(self) -> None:
+        """Keep the tensors in page-locked CPU memory of their exact size (see pinned.py), for streamed copies."""
+        if self._pinned is None:
+            self._pinned = PinnedGroup([getattr(self, name).cpu() for name in self.TENSORS])
+            for name, tensor in zip(self.TENSORS, self._pinned.tensors):
+                setattr(self, name, tensor)
+
+
+class MXFP4Bank(_Bank):
+    TENSORS = ("blocks", "scales")
+
     def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
         self.blocks, self.scales = blocks, scales
         self.num_experts, self.out_features = blocks.shape[:2]
@@ -49,15 +74,10 @@ class MXFP4Bank:
         return dequantize_mxfp4(self.blocks[expert].to(device, non_blocking=True), self.scales[expert].to(device, non_blocking=True),
                                 torch.float32).to(dtype)
 
-    def to(self, device) -> "MXFP4Bank":
-        self.blocks, self.scales = self.blocks.to(device), self.scales.to(device)
-        return self
 
-    def pin(self) -> None:
-        self.blocks, self.scales = self.blocks.pin_memory(), self.scales.pin_memory()
+class NVFP4Bank(_Bank):
+    TENSORS = ("packed", "block_scales", "expert_scales")
 
-
-class NVFP4Bank:
     def __init__(self, packed: torch.Tensor, block_scales: torch.Tensor, expert_scales: torch.Tensor):
         self.packed, self.block_scales, self.expert_scales = packed, block_scales, expert_scales
         self.num_experts, self.out_features = packed.shape[:2]
@@ -70,15 +90,10 @@ class NVFP4Bank:
             self.block_scales[expert].to(device, non_blocking=True), output_type=torch.float32
         ).to(dtype)
 
-    def to(self, device) -> "NVFP4Bank":
-        self.packed, self.block_scales, self.expert_scales = (t.to(device) for t in (self.packed, self.block_scales, self.expert_scales))
-        return self
 
-    def pin(self) -> None:
-        self.packed, self.block_scales, self.expert_scales = (t.pin_memory() for t in (self.packed, self.block_scales, self.expert_scales))
+class DenseBank(_Bank):
+    TENSORS = ("weights",)
 
-
-class DenseBank:
     def __init__(self, weights: torch.Tensor, transposed: bool):
         self.weights, self.transposed = weights, transposed
         self.num_experts = weights.shape[0]
@@ -87,10 +102,3 @@ class DenseBank:
     def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
         w = self.weights[expert].to(device or self.weights.device, non_blocking=True)
         return (w.T if self.transposed else w).to(dtype)
-
-    def to(self, device) -> "DenseBank":
-        self.weights = self.weights.to(device)
-        return self
-
-    def pin(self) -> None:
-        self.weights = self.weights.pin_memory()

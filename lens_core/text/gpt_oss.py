@@ -182,10 +182,9 @@ class GptOssEncoder(nn.Module):
         if on == self.stream_experts:
             return
         self.stream_experts = on
-        pin = on and torch.cuda.is_available()
         for bank in self.expert_banks():
             bank.to("cpu")
-            if pin:
+            if on:
                 bank.pin()
 
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
