@@ -25,18 +25,18 @@ from lens_core import make_noise, sample  # noqa: E402
 from lens_core.device import default_device, resolve_compute  # noqa: E402
 
 
-def run(dit, size: int, steps: int, cfg: float, text_tokens: int, device: torch.device) -> dict:
+def run(dit, size: int, steps: int, cfg: float, text_tokens: int, device: torch.device, batch_cfg: bool = True) -> dict:
     features = torch.randn(1, text_tokens, dit.config.text_layers, dit.config.text_width)
     cond = (features, torch.ones(1, text_tokens, dtype=torch.bool))
     uncond = (torch.zeros(1, 0, dit.config.text_layers, dit.config.text_width), torch.zeros(1, 0, dtype=torch.bool))
     noise = make_noise(0, (1, 128, size // 16, size // 16), convention="comfy")
     with torch.no_grad():
-        sample(dit, noise, cond, uncond, steps=1, cfg=cfg)  # warm-up: kernels chosen, memory pools filled
+        sample(dit, noise, cond, uncond, steps=1, cfg=cfg, batch_cfg=batch_cfg)  # warm-up: kernels chosen, memory pools filled
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg)
+        out = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, batch_cfg=batch_cfg)
         out.cpu()
     seconds = time.perf_counter() - start
     result = {"size": size, "steps": steps, "cfg": cfg, "seconds": round(seconds, 3),
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--mode", choices=MODES, default="eager")
     parser.add_argument("--blocks-on-cpu", type=int, default=0, help="block swap: blocks kept in CPU memory")
+    parser.add_argument("--separate-cfg", action="store_true",
+                        help="CFG's two passes one after the other, each on unpadded text with no mask (sample(batch_cfg=False))")
     args = parser.parse_args()
     device, dtype = resolve_compute(args.device, args.dtype, "the benchmark denoiser")
     dit, warm_up = benchmark_dit(args.blocks, device, dtype, args.mode)
@@ -65,8 +67,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     for size in args.sizes:
         for variant, steps, cfg in (("turbo", args.turbo_steps, 1.0), ("lens", args.lens_steps, 5.0)):
-            result = run(dit, size, steps, cfg, args.text_tokens, device)
-            print(json.dumps({"variant": variant, "mode": args.mode, "blocks_on_cpu": args.blocks_on_cpu, "device": name, "dtype": str(dtype), "blocks": args.blocks,
+            result = run(dit, size, steps, cfg, args.text_tokens, device, batch_cfg=not args.separate_cfg)
+            print(json.dumps({"variant": variant, "mode": args.mode, "blocks_on_cpu": args.blocks_on_cpu, "separate_cfg": args.separate_cfg,
+                              "device": name, "dtype": str(dtype), "blocks": args.blocks,
                               "compile_warm_up_s": round(warm_up, 1), **result}), flush=True)
 
 

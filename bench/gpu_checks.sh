@@ -36,7 +36,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     step tests python -m pytest -q -x tests/test_devices.py tests/test_cuda.py
     step dit python bench/bench_dit.py --device "$DEV" --blocks 2 --size 256 --dtype fp32 --mode fp8_fast --batch 2
     step sampling python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --mode compiled
-    step sampling_swap python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --blocks-on-cpu 1
+    step sampling_swap python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --blocks-on-cpu 1 --separate-cfg
     step lora python bench/bench_lora.py --device "$DEV" --blocks 2 --size 256 --ranks 16
     step dit_vs_reference python bench/bench_vs_reference.py --device "$DEV" --blocks 1 --size 256 --batch 2 --repeats 2
 else
@@ -45,6 +45,7 @@ else
     step sampling_eager python bench/bench_sampling.py --device cuda --mode eager
     step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
     step sampling_compiled_cudagraphs_1024 python bench/bench_sampling.py --device cuda --sizes 1024 --mode compiled_cudagraphs
+    step sampling_separate_cfg python bench/bench_sampling.py --device cuda --separate-cfg
     step sampling_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24
     step sampling_fp8_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24 --mode fp8_fast
     for batch in 1 2; do

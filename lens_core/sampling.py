@@ -107,6 +107,18 @@ def _pad_text(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
     return features, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
 
 
+def _trim_padding(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing positions that are padding in every row.
+
+    Only for a denoiser that masks padded keys in every block: there padding changes nothing, so a pass run
+    without it computes the same velocity on fewer tokens, and with no padding left it needs no mask (SDPA keeps
+    its flash kernel). The diffusers port's first-block masking lets padding act in later blocks: kept there.
+    """
+    real = mask.bool().any(dim=0).nonzero()
+    length = int(real.max()) + 1 if real.numel() else 0
+    return features[:, :length], mask[:, :length]
+
+
 def _expand_batch(features: torch.Tensor, mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     if features.shape[0] == batch:
         return features, mask
@@ -169,6 +181,9 @@ def sample(
     denoise < 1 with `init_latent` is img2img: the run starts at the schedule's sigma for that strength.
     callback(step, total, x0_estimate [B,128,h,w]) is called after every step; should_stop() is polled
     before every step and raises `Cancelled` when it returns True.
+    batch_cfg: run the positive and negative passes as one batch (padded to a common length, masked), or, when
+    False, one after the other, each on its own text without padding where the denoiser allows (see
+    `_trim_padding`): fewer tokens and no mask; which is faster depends on the GPU (bench_sampling.py --separate-cfg).
 
     Devices: the inputs may live anywhere; they are moved once to `dit.device`, where the whole loop
     runs (state x and sigmas in float32, text in the denoiser's dtype). The x0 estimates handed to
@@ -187,13 +202,19 @@ def sample(
     check_text_features(dit, cond[0], "positive")
     if use_cfg:
         check_text_features(dit, uncond[0], "negative")
+    padding_is_inert = getattr(dit, "text_mask", None) == "every_block"
     cond = _expand_batch(*cond, batch)
+    if padding_is_inert:
+        cond = _trim_padding(*cond)
     if use_cfg:
         uncond = _expand_batch(*uncond, batch)
-        length = max(cond[0].shape[1], uncond[0].shape[1])
-        cond, uncond = _pad_text(*cond, length), _pad_text(*uncond, length)
         if cond[0].shape[2:] != uncond[0].shape[2:]:
             raise LensInputError("positive and negative conditioning come from different text encoders (feature shapes differ).")
+        if padding_is_inert:
+            uncond = _trim_padding(*uncond)
+        if batch_cfg or not padding_is_inert:  # the reference pads both to one length, which matters when padding acts
+            length = max(cond[0].shape[1], uncond[0].shape[1])
+            cond, uncond = _pad_text(*cond, length), _pad_text(*uncond, length)
 
     device, dtype = dit.device, dit.dtype
     cond = _text_on_device(*cond, device, dtype)

@@ -158,3 +158,30 @@ def test_seeds_run_up_to_two_to_the_64():
         assert torch.isfinite(top).all() and not torch.equal(top, make_noise(2**64 - 2, (2, 128, 2, 2), convention=convention))
     with pytest.raises(LensInputError, match="unknown noise convention"):
         make_noise(0, (1, 128, 2, 2), convention="native")
+
+
+@pytest.mark.parametrize("text_mask", ["every_block", "first_block"])
+def test_separate_cfg_passes_drop_padding_only_where_it_changes_nothing(golden, text_mask):
+    """With every-block masking each pass runs on its own unpadded text (no mask, fewer tokens) and gives the
+    batched result; with the diffusers port's first-block masking padding acts, so both keep the reference's
+    common padded length."""
+    dit = load_dit(golden / "dit_tiny.safetensors", device="cpu", dtype=torch.float32, text_mask=text_mask)
+    torch.manual_seed(0)
+    noise = torch.randn(1, 128, 3, 4)
+    pos = (torch.randn(1, 9, 4, 48), torch.tensor([[True] * 6 + [False] * 3]))
+    pos[0][:, 6:] = 0
+    neg = (torch.zeros(1, 0, 4, 48), torch.zeros(1, 0, dtype=torch.bool))
+    calls = []
+    original = dit.forward
+    dit.forward = lambda x, sigma, text, mask, grid: calls.append((text.shape[1], mask)) or original(x, sigma, text, mask, grid)
+    try:
+        separate = sample(dit, noise, pos, neg, steps=2, cfg=5.0, batch_cfg=False)
+    finally:
+        del dit.forward
+    batched = sample(dit, noise, pos, neg, steps=2, cfg=5.0)
+    if text_mask == "every_block":
+        assert [(length, mask) for length, mask in calls] == [(6, None), (0, None)] * 2
+        assert (separate - batched).abs().max() <= 1e-5
+    else:
+        assert [length for length, _ in calls] == [9, 9] * 2 and all(mask is not None for _, mask in calls)
+        assert (separate - batched).abs().max() <= 1e-5
