@@ -25,6 +25,16 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
+def _discard_cuda_error() -> None:
+    """A failed CUDA runtime call leaves its error behind for the next kernel launch check, which would raise it in
+    unrelated code; one tiny kernel and a sync take it here, where it is already handled."""
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError:  # torch.AcceleratorError is one
+        pass
+
+
 def _unregister(buffer: torch.Tensor) -> None:
     """Called once the group is gone; holding `buffer` keeps its memory allocated until it is unregistered."""
     torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
@@ -59,6 +69,7 @@ class PinnedGroup:
         result = cudart.cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
         if result == cudart.cudaError.success:
             return True
+        _discard_cuda_error()
         if not PinnedGroup._refusal_logged:
             PinnedGroup._refusal_logged = True
             log.warning("Lens: the GPU driver refused to page-lock %.2f GB of streamed weights (%s); they stay in "

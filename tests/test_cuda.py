@@ -100,3 +100,13 @@ def test_streamed_weights_are_page_locked_and_copy_asynchronously():
     copies = [t.to("cuda", non_blocking=True) for t in group.tensors]
     torch.cuda.synchronize()
     assert all(torch.equal(c.cpu(), t) for c, t in zip(copies, originals))
+
+
+def test_a_refused_page_lock_leaves_no_cuda_error_behind(monkeypatch):
+    from lens_core.pinned import PinnedGroup
+
+    group = PinnedGroup([torch.ones(1000)])
+    assert group.pinned
+    monkeypatch.setattr(PinnedGroup, "_refusal_logged", False)
+    assert not group._register()  # the same memory a second time: the driver refuses
+    assert torch.equal((torch.ones(3, device="cuda") * 2).cpu(), torch.full((3,), 2.0))

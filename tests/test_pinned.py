@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from lens_core import load_dit
+from lens_core import load_dit, pinned
 from lens_core.pinned import ALIGNMENT, PinnedGroup
 from model_files import TINY_DIT, random_dit_state, write_single
 
@@ -80,14 +80,17 @@ def test_buffer_is_registered_once_and_unregistered_when_the_group_goes(cudart):
     assert views[0].untyped_storage().data_ptr() == ptr  # the memory itself lives on while views use it
 
 
-def test_a_refused_registration_is_logged_once_and_never_unregistered(monkeypatch, caplog):
+def test_a_refused_registration_is_cleared_logged_once_and_never_unregistered(monkeypatch, caplog):
     refusing = RecordingCudart(refuse=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
     monkeypatch.setattr(PinnedGroup, "_refusal_logged", False)
+    discarded = []
+    monkeypatch.setattr(pinned, "_discard_cuda_error", lambda: discarded.append(True))
     with caplog.at_level(logging.WARNING, logger="lens_core"):
         groups = [PinnedGroup([torch.ones(1000)]) for _ in range(2)]
     assert not any(g.pinned for g in groups) and torch.equal(groups[1].tensors[0], torch.ones(1000))
+    assert discarded == [True, True]  # each failure's leftover CUDA error is taken at once
     assert [r.getMessage() for r in caplog.records if "page-lock" in r.getMessage()] == [
         "Lens: the GPU driver refused to page-lock 0.00 GB of streamed weights (out of memory); they stay in ordinary "
         "memory: outputs are the same, copies do not overlap compute."]
