@@ -172,3 +172,23 @@ def test_automatic_tiles_are_as_large_as_memory_allows(monkeypatch):
     monkeypatch.setattr(vae, "_decode_untiled", lambda x: calls.append(tuple(x.shape[-2:])) or original(x))
     vae.decode(latent)
     assert len(calls) > 1 and all(shape[0] <= 32 and shape[1] <= 32 for shape in calls)
+
+
+def test_group_norm_keeps_float32_math_on_bf16_activations():
+    """bf16 in, statistics and scaling in float32, one rounding out: the float32 path's numbers without its copies."""
+    from lens_core.vae.model import GroupNorm32
+
+    torch.manual_seed(0)
+    norm = GroupNorm32(32, 128, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    norm = norm.bfloat16()
+    x = (torch.randn(2, 128, 40, 24) * 3 + 1).bfloat16()
+    out = norm(x)
+    expected = torch.nn.functional.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), 1e-6).bfloat16()
+    assert out.dtype == torch.bfloat16
+    differ = out != expected
+    assert differ.float().mean() < 1e-4  # a rare last-bit difference from the summation order
+    ulp = expected.float().abs().clamp_min(1e-30) * 2 ** -7
+    assert ((out.float() - expected.float()).abs()[differ] <= ulp[differ]).all()

@@ -29,8 +29,15 @@ class VAEConfig:
 
 
 class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the activation dtype.
+
+    PyTorch's group_norm kernels (CPU and CUDA) take bf16 input and accumulate, normalise and scale in float32,
+    rounding once on output: the same numbers as casting to float32 first (tested), without two float32 copies
+    of a full-resolution activation (2 GB each at 1440x1440 with 128 channels).
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -47,8 +54,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = not torch.is_grad_enabled()  # SiLU over the norm's fresh output: one full-size temporary fewer
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
