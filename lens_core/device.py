@@ -113,14 +113,11 @@ def model_bytes(model) -> int:
 
 
 def device_bytes(model) -> int:
-    """What a model takes on its device: its weights less what stays in CPU memory by design (the blocks a block
-    swap keeps there, or a text encoder's streamed expert banks)."""
-    swap = getattr(model, "block_swap", None)
-    if swap is not None:
-        return model_bytes(model) - swap.nbytes(model.transformer_blocks)
-    if getattr(model, "stream_experts", False):
-        return model_bytes(model) - _bank_bytes(model)
-    return model_bytes(model)
+    """What a model takes on its device: its weights less what stays in CPU memory by design (a model says so with
+    `cpu_resident_bytes()`: the blocks a block swap keeps there, the text encoder's token embedding and streamed
+    expert banks)."""
+    resident = getattr(model, "cpu_resident_bytes", None)
+    return model_bytes(model) - (resident() if resident is not None else 0)
 
 
 def describe(what: str, model, runs_on: torch.device | None = None) -> str:

@@ -58,18 +58,20 @@ def check_against_checkpoint(model: nn.Module, keys, shape_of, file_name: str, k
 
 
 def fill_from_checkpoint(model: nn.Module, read, device, float_dtype: torch.dtype, key_prefix: str = "",
-                         dtype_for: dict[str, torch.dtype | None] | None = None) -> nn.Module:
-    """Read every tensor the model expects via `read(key, dtype)` and put it in place.
+                         dtype_for: dict[str, torch.dtype | None] | None = None,
+                         device_for: dict[str, str | torch.device] | None = None) -> nn.Module:
+    """Read every tensor the model expects via `read(key, dtype)` and put it in place, on `device`.
 
     Floating tensors become `float_dtype`, except those named in `dtype_for` (a dtype, or None to keep
     the file's dtype) and those the model declares as 8-bit (quantised weights and scales keep theirs).
+    Tensors named in `device_for` go to that device instead (what a model keeps in CPU memory).
     """
-    dtype_for = dtype_for or {}
+    dtype_for, device_for = dtype_for or {}, device_for or {}
     for name, (_, declared) in expected_tensors(model).items():
         keep_storage = declared in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.uint8)
         target = dtype_for.get(name, float_dtype)
         tensor = read(key_prefix + name, None if keep_storage else target)
         if keep_storage and tensor.dtype != declared:
             tensor = tensor.view(declared)
-        place_tensor(model, name, tensor.to(device))
+        place_tensor(model, name, tensor.to(device_for.get(name, device)))
     return model.eval()

@@ -153,8 +153,30 @@ def test_streamed_experts_stay_in_cpu_memory_and_decode_where_asked():
     encoder.set_expert_streaming(True)
     assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
     banks = sum(bank.weights.numel() * bank.weights.element_size() for bank in encoder.expert_banks())
-    assert banks > 0 and device_bytes(encoder) == model_bytes(encoder) - banks
+    table = encoder.embed_tokens.weight.numel() * encoder.embed_tokens.weight.element_size()
+    assert banks > 0 and device_bytes(encoder) == model_bytes(encoder) - banks - table
     encoder.move(META)
     bank = encoder.layers[0].mlp.gate_up
     assert encoder.device == META and bank.weights.device.type == "cpu"
     assert bank.weight(1, torch.bfloat16, META).device == META
+
+
+def test_token_embedding_stays_in_cpu_memory_and_sends_only_the_looked_up_rows(golden, tmp_path):
+    """The 1.16 GB table never moves or casts; a forward in another dtype or on another device gets the prompt's rows."""
+    from lens_core import load_text_encoder
+    from lens_core.device import device_bytes, model_bytes
+    from te_files import golden_te_folder
+
+    folder = golden_te_folder(golden, tmp_path)
+    encoder = load_text_encoder(folder, device="cpu", dtype=torch.float32)
+    table = encoder.embed_tokens.weight
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    expected = load_text_encoder(folder, device="cpu", dtype=torch.bfloat16).features(ids, layers=(1,))[0]
+    encoder.to(torch.bfloat16)
+    assert encoder.embed_tokens.weight is table and encoder.dtype == torch.bfloat16
+    assert torch.equal(encoder.features(ids, layers=(1,))[0], expected)  # cast after loading = loaded in bf16
+    encoder.move(META)
+    assert encoder.embed_tokens.weight is table and table.device.type == "cpu" and encoder.device == META
+    assert device_bytes(encoder) == model_bytes(encoder) - table.numel() * table.element_size()
+    rows = encoder.embed(ids)
+    assert rows.device == META and rows.dtype == torch.bfloat16 and rows.shape == expected.shape

@@ -255,6 +255,10 @@ class LensDiT(nn.Module):
             log.info("Lens: %d of %d denoiser blocks stay in CPU memory (%.2f GB) and stream to the compute device as they run",
                      count, blocks, self.block_swap.nbytes(self.transformer_blocks) / 1e9)
 
+    def cpu_resident_bytes(self) -> int:
+        """What stays in CPU memory wherever the denoiser computes: the blocks a block swap keeps there."""
+        return self.block_swap.nbytes(self.transformer_blocks) if self.block_swap is not None else 0
+
     def _apply(self, fn, recurse=True):
         """Moves and casts skip the swapped blocks: they stay in CPU memory (see swap_blocks)."""
         swap = self.__dict__.get("block_swap")

@@ -106,7 +106,8 @@ def _file_key(ckpt: Checkpoint, prefix: str, name: str) -> str:
 def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOssEncoder:
     """Load GPT-OSS for feature extraction. Defaults: CUDA + bf16 when available, else CPU + fp32.
 
-    The token embedding keeps the file's dtype (a lookup table needs no upcast: saves ~1.2 GB on CPU).
+    The token embedding keeps the file's dtype (a lookup table needs no upcast: saves ~1.2 GB on CPU) and stays in
+    CPU memory on every device (only the looked-up rows go to the GPU).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens text encoder")
     ckpt = open_component(path, "text_encoder", "model")
@@ -119,7 +120,8 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     file_key = {name: _file_key(ckpt, prefix, name) for name, _ in model.named_parameters()}
     file_keys = set(ckpt.keys())
     check_against_checkpoint(model, [n for n in file_key if file_key[n] in file_keys], lambda n: ckpt.shape(file_key[n]), ckpt.name)
-    fill_from_checkpoint(model, lambda n, d: ckpt.read(file_key[n], d), device, dtype, dtype_for={"embed_tokens.weight": None})
+    fill_from_checkpoint(model, lambda n, d: ckpt.read(file_key[n], d), device, dtype, dtype_for={"embed_tokens.weight": None},
+                         device_for={"embed_tokens.weight": "cpu"})  # the encoder keeps it there (see GptOssEncoder._apply)
     model.inv_freq = yarn_inv_freq_and_scale(cfg)[0].to(device)  # computed, not stored: rebuild off the meta device
     for i, layer in enumerate(model.layers):
         base = f"{prefix}layers.{i}.mlp.experts."
