@@ -39,22 +39,24 @@ def import_reference(diffusers_src: Path | None):
 
 
 def build_pair(blocks: int, device: str, dtype: torch.dtype, reference_class) -> tuple[LensDiT, torch.nn.Module]:
-    """The pack's model with random weights, and the reference loaded with the very same tensors (same key names)."""
+    """The pack's model with random weights, and the reference loaded with the very same tensors (same key names),
+    both built on `device` (a real-size pair is 2 x 4.1B parameters)."""
     torch.manual_seed(0)
-    pack = LensDiT(DiTConfig(blocks=blocks), text_mask="first_block")
+    with torch.device(device):
+        pack = LensDiT(DiTConfig(blocks=blocks), text_mask="first_block").to(dtype)
+        reference = reference_class(num_layers=blocks)
     for name, tensor in pack.state_dict().items():
         if "norm" in name:
             tensor.normal_(1.0, 0.1)  # norm gains away from 1, so a norm in the wrong place shows
         elif name.endswith("bias"):
             tensor.normal_(0.0, 0.02)
-    reference = reference_class(num_layers=blocks)
+    # Only real tensors take the dtype: the reference keeps its RoPE table complex (a plain .to(dtype) would drop
+    # the imaginary part).
+    reference._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     missing, unexpected = reference.load_state_dict(pack.state_dict(), strict=False)
     if missing or unexpected:
         sys.exit(f"the reference's keys differ from the pack's: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # Only real tensors take the dtype: the reference keeps its RoPE table complex (a plain .to(dtype) would drop
-    # the imaginary part).
-    reference._apply(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
-    return pack.to(device, dtype).eval(), reference.eval()
+    return pack.eval(), reference.eval()
 
 
 def make_inputs(batch: int, size: int, text_tokens: int, device: str, dtype: torch.dtype):
