@@ -102,8 +102,7 @@ def _tensor_bytes(tensors) -> int:
 
 def _bank_bytes(module) -> int:
     """The text encoder's packed expert banks (plain objects, not parameters or buffers)."""
-    banks = module.expert_banks() if hasattr(module, "expert_banks") else []
-    return _tensor_bytes(t for bank in banks for t in vars(bank).values() if isinstance(t, torch.Tensor))
+    return sum(bank.nbytes() for bank in module.expert_banks()) if hasattr(module, "expert_banks") else 0
 
 
 def model_bytes(model) -> int:

@@ -53,6 +53,9 @@ class _Bank:
             self._pinned = None  # the page-locked copies are no longer used: release them
         return self
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, name) for name in self.TENSORS))
+
     def pin(self) -> None:
         """Keep the tensors in page-locked CPU memory of their exact size (see pinned.py), for streamed copies."""
         if self._pinned is None:

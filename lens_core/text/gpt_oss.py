@@ -185,9 +185,8 @@ class GptOssEncoder(nn.Module):
 
     def cpu_resident_bytes(self) -> int:
         """What stays in CPU memory wherever the encoder computes: the token embedding, and streamed expert banks."""
-        table = self.embed_tokens.weight
-        banks = [t for bank in self.expert_banks() for t in vars(bank).values() if isinstance(t, torch.Tensor)] if self.stream_experts else []
-        return sum(t.numel() * t.element_size() for t in [table, *banks])
+        table = self.embed_tokens.weight.numel() * self.embed_tokens.weight.element_size()
+        return table + (sum(bank.nbytes() for bank in self.expert_banks()) if self.stream_experts else 0)
 
     def expert_banks(self) -> list:
         """The packed expert banks, which are not module parameters (the loader sets them)."""
