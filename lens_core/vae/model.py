@@ -32,8 +32,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the activation dtype.
 
     PyTorch's group_norm kernels (CPU and CUDA) take bf16 input and accumulate, normalise and scale in float32,
-    rounding once on output: the same numbers as casting to float32 first (tested), without two float32 copies
-    of a full-resolution activation (2 GB each at 1440x1440 with 128 channels).
+    rounding once on output: the numbers of casting to float32 first, up to a rare last-bit difference (tested),
+    without two float32 copies of a full-resolution activation (1 GB each at 1440x1440 with 128 channels).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
