@@ -3,10 +3,11 @@
 Writes full-size random files once into FOLDER (the 4.1B-parameter denoiser in bf16, 8.2 GB; GPT-OSS-20B with
 MXFP4 expert banks in Microsoft's 3-shard layout, 13 GB; the FLUX.2 VAE, 0.17 GB), then loads them in a child
 process one after the other and prints, after each, the model's bytes, the process's peak RSS and that peak over
-the bytes of every model loaded so far (the goal: at most 1.1).
+the bytes of every model loaded so far (the goal: at most 1.1). With --device cuda it also times each model's
+move to the GPU and back (what a run costs when the models take turns on a small GPU), in GB/s.
 
     python bench/bench_load_all.py /tmp/lens_load_bench            # bf16, as on a GPU machine
-    python bench/bench_load_all.py /tmp/lens_load_bench --dtype fp32
+    python bench/bench_load_all.py /tmp/lens_load_bench --device cuda
 """
 
 from __future__ import annotations
@@ -53,9 +54,18 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(folder: Path, dtype: torch.dtype) -> None:
+def timed_move(model, device: str) -> float:
+    """Seconds to move a model (with whatever it holds outside its parameters) to `device`, the way the nodes do."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    getattr(model, "move", model.to)(device)
+    torch.cuda.synchronize()  # a move may return before its copies end
+    return time.perf_counter() - start
+
+
+def child(folder: Path, dtype: torch.dtype, device: str) -> None:
     from lens_core import load_dit, load_text_encoder, load_vae
-    from lens_core.device import model_bytes
+    from lens_core.device import device_bytes, model_bytes
 
     loaders = (("denoiser", lambda: load_dit(folder / DIT_FILE, device="cpu", dtype=dtype)),
                ("text encoder", lambda: load_text_encoder(folder / TE_FOLDER, device="cpu", dtype=dtype)),
@@ -67,22 +77,29 @@ def child(folder: Path, dtype: torch.dtype) -> None:
         held.append(model)
         size = model_bytes(model)
         total += size
-        print(json.dumps({"model": what, "dtype": str(dtype), "load_seconds": round(time.perf_counter() - start, 1),
-                          "model_gb": round(size / 1e9, 2), "all_loaded_gb": round(total / 1e9, 2),
-                          "peak_rss_gb": round(peak_rss() / 1e9, 2), "peak_over_loaded": round(peak_rss() / total, 3)}), flush=True)
+        report = {"model": what, "dtype": str(dtype), "load_seconds": round(time.perf_counter() - start, 1),
+                  "model_gb": round(size / 1e9, 2), "all_loaded_gb": round(total / 1e9, 2),
+                  "peak_rss_gb": round(peak_rss() / 1e9, 2), "peak_over_loaded": round(peak_rss() / total, 3)}
+        if device != "cpu":
+            moved = device_bytes(model)
+            to_gpu, to_cpu = timed_move(model, device), timed_move(model, "cpu")
+            report |= {"moved_gb": round(moved / 1e9, 2), "to_gpu_s": round(to_gpu, 2), "to_gpu_gb_per_s": round(moved / to_gpu / 1e9, 1),
+                       "to_cpu_s": round(to_cpu, 2), "to_cpu_gb_per_s": round(moved / to_cpu / 1e9, 1)}
+        print(json.dumps(report), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--device", default="cpu", help="cuda: also time each model's move to the GPU and back")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.child:
-        return child(args.folder, dtype)
+        return child(args.folder, dtype, args.device)
     write_missing(args.folder)
-    subprocess.run([sys.executable, __file__, str(args.folder), "--dtype", args.dtype, "--child"], check=True)
+    subprocess.run([sys.executable, __file__, str(args.folder), "--dtype", args.dtype, "--device", args.device, "--child"], check=True)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ else
     step dit_1024_b2_fp8_fast python bench/bench_dit.py --device cuda --blocks 48 --size 1024 --batch 2 --mode fp8_fast
     step vae python bench/bench_vae.py --device cuda
     step lora python bench/bench_lora.py --device cuda --ranks 16 64
-    step text_encoder python bench/bench_text_encoder.py "${TE_DIR:-/tmp/lens_te_bench}" --device cuda
-    step text_encoder_streamed python bench/bench_text_encoder.py "${TE_DIR:-/tmp/lens_te_bench}" --device cuda --stream-experts
+    LOAD_DIR=${LOAD_DIR:-/tmp/lens_load_bench}
+    step load_all_and_moves python bench/bench_load_all.py "$LOAD_DIR" --device cuda
+    step text_encoder python bench/bench_text_encoder.py "$LOAD_DIR/text_encoder" --device cuda
+    step text_encoder_streamed python bench/bench_text_encoder.py "$LOAD_DIR/text_encoder" --device cuda --stream-experts
 fi
 cat "$SUMMARY"
