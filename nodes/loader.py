@@ -32,6 +32,27 @@ def _load_once(kind: str, path: str, settings, loader):
     return _cache[key]
 
 
+_ENCODER_RESERVE_BYTES = 1_500_000_000  # CUDA context, a 512-token prompt's activations, one layer's experts decoded
+TEXT_ENCODER_DEVICES = ("auto", "gpu", "cpu", "gpu_stream_experts")
+
+
+def streams_experts_to_fit(encoder_gpu_bytes: int, gpu_total_bytes: int, reserve: int = _ENCODER_RESERVE_BYTES) -> bool:
+    """Whether the text encoder needs its expert banks left in CPU memory to fit the GPU."""
+    return encoder_gpu_bytes + reserve > gpu_total_bytes
+
+
+def _text_encoder_placement(choice: str, encoder, device: torch.device) -> str:
+    """"auto": the whole encoder on the GPU where it fits the GPU's memory with room to spare (16 GB cards and up),
+    else on the GPU with its expert banks streamed from CPU memory (12 GB cards and down); elsewhere the compute device."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "gpu"
+    gpu_bytes = model_bytes(encoder) - encoder.embed_tokens.weight.nbytes  # the embedding stays on the CPU anyway
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "gpu_stream_experts" if streams_experts_to_fit(gpu_bytes, total) else "gpu"
+
+
 def _blocks_on_cpu(dit, device) -> int:
     """Block swap's "auto": enough blocks on the CPU for the rest of the denoiser to fit the GPU's memory."""
     if device.type != "cuda":
@@ -68,10 +89,12 @@ class LensModelLoader:
                                               "H100 and newer. fp16 is not offered: Lens overflows in fp16."}),
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
                                                                      "Off: each model moves to the GPU only while it runs."}),
-            "text_encoder_device": (["gpu", "cpu", "gpu_stream_experts"], {
-                "default": "gpu", "tooltip": "cpu: run GPT-OSS-20B on the CPU (~14 GB of RAM, no VRAM; slower, but prompts are cached on "
-                                             "disk). gpu_stream_experts: on the GPU with its expert banks (12 of its 13 GB) left in CPU "
-                                             "memory, each routed expert copied over as needed (~2.5 GB of VRAM)."}),
+            "text_encoder_device": (list(TEXT_ENCODER_DEVICES), {
+                "default": "auto", "tooltip": "auto: gpu where the GPU holds the whole encoder with room to spare (16 GB cards and up), "
+                                              "else gpu_stream_experts. gpu: all of GPT-OSS-20B on the GPU (11.4 GB). cpu: on the CPU "
+                                              "(~14 GB of RAM, no VRAM; slower, but prompts are cached on disk). gpu_stream_experts: on "
+                                              "the GPU with its expert banks (10 of its 12.6 GB) left in CPU memory, each routed expert "
+                                              "copied over as needed (~1.3 GB of VRAM)."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip": "Compile the denoiser's blocks with torch.compile: faster sampling after a "
                                                                  "warm-up at load (the log says how long); new sizes reuse it."}),
             "blocks_on_cpu": ("INT", {"default": 0, "min": -1, "max": 47, "tooltip": "Block swap for small GPUs: this many of the 48 "
@@ -94,7 +117,7 @@ class LensModelLoader:
                 fingerprint.append(f"{name}:missing")
         return "|".join(fingerprint)
 
-    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="gpu", compile=False,
+    def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="auto", compile=False,
              blocks_on_cpu=0, attention="sdpa"):
         device = compute_device()
         fp8 = weight_dtype if weight_dtype in FP8_WEIGHT_DTYPES else None
@@ -112,8 +135,11 @@ class LensModelLoader:
             raise ValueError(f"{text_encoder_name} gives {encoder.config.hidden}-wide features but {dit_name} expects "
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")
         resolved = guess_variant(dit_name, dit.file_metadata) if variant == "auto" else variant
-        encoder_device = torch.device("cpu") if text_encoder_device == "cpu" else device
-        encoder.set_expert_streaming(text_encoder_device == "gpu_stream_experts")
+        placement = _text_encoder_placement(text_encoder_device, encoder, device)
+        encoder_device = torch.device("cpu") if placement == "cpu" else device
+        encoder.set_expert_streaming(placement == "gpu_stream_experts")
+        if text_encoder_device == "auto" and placement != "gpu":
+            log.info("Lens Model Loader: text encoder placement auto -> %s (the GPU's memory is too small for all of it)", placement)
         for what, model, runs_on in ((f"denoiser {dit_name} ({resolved})", dit, device),
                                      (f"text encoder {text_encoder_name}", encoder, encoder_device), (f"VAE {vae_name}", vae, device)):
             log.info("Lens Model Loader: %s", describe(what, model, runs_on))

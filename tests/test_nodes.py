@@ -323,3 +323,24 @@ def test_block_swap_from_the_loader_gives_the_same_image(models_dir):
     model, _, _ = loader.load(*names, 0)
     assert model.model.block_swap is None
     assert torch.equal(turbo.run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)[0]["samples"], swapped)
+
+
+def test_text_encoder_placement_auto_streams_experts_only_where_the_gpu_is_too_small(monkeypatch):
+    from types import SimpleNamespace
+
+    from lens_core.demo import demo_text_encoder
+    from lens_core.device import model_bytes
+
+    loader_module = __import__(pack.__name__ + ".nodes.loader", fromlist=["x"])
+    gb = 10**9
+    assert not loader_module.streams_experts_to_fit(int(11.4 * gb), 16 * gb)  # the real encoder on a 16 GB card
+    assert loader_module.streams_experts_to_fit(int(11.4 * gb), 12 * gb)  # and on a 12 GB card
+    encoder = demo_text_encoder()
+    on_gpu = model_bytes(encoder) - encoder.embed_tokens.weight.nbytes
+    cuda = torch.device("cuda")
+    for total, expected in ((on_gpu + loader_module._ENCODER_RESERVE_BYTES, "gpu"),
+                            (on_gpu + loader_module._ENCODER_RESERVE_BYTES - 1, "gpu_stream_experts")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(total_memory=total))
+        assert loader_module._text_encoder_placement("auto", encoder, cuda) == expected
+    assert loader_module._text_encoder_placement("auto", encoder, torch.device("cpu")) == "gpu"  # the compute device
+    assert loader_module._text_encoder_placement("cpu", encoder, cuda) == "cpu"
