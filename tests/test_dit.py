@@ -132,8 +132,9 @@ def test_fused_norm_and_rope_equal_the_spelled_out_float32_math():
         expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * w32).to(dtype)
         assert torch.equal(norm.to(dtype)(x), expected)
     rope = rope_frequencies(2, 3, 1, (8, 28, 28))
+    assert torch.equal(rope[..., 0, 0], rope[..., 1, 1]) and torch.equal(rope[..., 0, 1], -rope[..., 1, 0])  # rotations
     x = torch.randn(1, 2, 7, 64)
-    angle = torch.atan2(rope[..., 1], rope[..., 0])
+    angle = torch.atan2(rope[..., 1, 0], rope[..., 0, 0])
     even, odd = x[..., 0::2], x[..., 1::2]
     expected = torch.stack([even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()], dim=-1).flatten(-2)
     assert torch.allclose(apply_rope(x, rope, torch.float32), expected, atol=1e-6)

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import comfy_kitchen
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,13 +116,31 @@ class JointAttention(nn.Module):
         q, k, v = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, n, 64]
         return q, k, v
 
+    def _norm_and_rope(self, iq, ik, tq, tk, rope):
+        """q and k of the joint sequence, RMS-normed (float32 statistics) and rotated (in float32, cast back once).
+
+        Eager: comfy-kitchen's fused RMSNorm + RoPE, one kernel per stream on GPUs (its CUDA or Triton backend),
+        PyTorch's ops elsewhere. Under torch.compile: plain PyTorch ops, which inductor fuses itself.
+        """
+        dtype = iq.dtype
+        if torch.compiler.is_compiling():
+            q = apply_rope(torch.cat([self.norm_q(iq), self.norm_added_q(tq)], dim=2), rope, dtype)
+            k = apply_rope(torch.cat([self.norm_k(ik), self.norm_added_k(tk)], dim=2), rope, dtype)
+            return q, k
+        n_img, eps = iq.shape[2], self.norm_q.eps
+        rope = rope[None, None]  # [1, 1, L, pairs, 2, 2]: the [B, heads, L, head_dim] layout
+        iq, ik = comfy_kitchen.rms_rope(iq, ik, rope[:, :, :n_img], self.norm_q.weight.to(dtype), self.norm_k.weight.to(dtype), eps)
+        if tq.shape[2] == 0:  # no text token (an empty prompt)
+            return iq, ik
+        tq, tk = comfy_kitchen.rms_rope(tq, tk, rope[:, :, n_img:], self.norm_added_q.weight.to(dtype),
+                                        self.norm_added_k.weight.to(dtype), eps)
+        return torch.cat([iq, tq], dim=2), torch.cat([ik, tk], dim=2)
+
     def forward(self, img, txt, rope, key_bias):
-        n_img, dtype = img.shape[1], img.dtype
+        n_img = img.shape[1]
         iq, ik, iv = self._heads(self.img_qkv(img))
         tq, tk, tv = self._heads(self.txt_qkv(txt))
-        # Norms take float32 statistics; RoPE rotates in float32 and casts back once.
-        q = apply_rope(torch.cat([self.norm_q(iq), self.norm_added_q(tq)], dim=2), rope, dtype)
-        k = apply_rope(torch.cat([self.norm_k(ik), self.norm_added_k(tk)], dim=2), rope, dtype)
+        q, k = self._norm_and_rope(iq, ik, tq, tk, rope)
         v = torch.cat([iv, tv], dim=2)
         out = self._attend(q, k, v, key_bias).transpose(1, 2).flatten(2)
         return self.to_out[0](out[:, :n_img]), self.to_add_out(out[:, n_img:])

@@ -24,28 +24,24 @@ def token_positions(h: int, w: int, n_text: int, device=None) -> torch.Tensor:
 
 
 def rope_frequencies(h: int, w: int, n_text: int, axes_dims, device=None) -> torch.Tensor:
-    """[L, head_dim/2, 2] float32 (cos, sin) of the rotation angle of every channel pair, for every token of the
-    joint sequence; the last axis doubles as a complex number e^(i*angle) (`torch.view_as_complex`)."""
+    """[L, head_dim/2, 2, 2] float32: for every token of the joint sequence and every channel pair, the rotation
+    matrix [[cos, -sin], [sin, cos]] of its angle (the layout comfy-kitchen's fused kernels take)."""
     pos = token_positions(h, w, n_text, device)
     angles = []
     for axis, dim in enumerate(axes_dims):
         omega = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         angles.append(pos[:, axis:axis + 1].double() * omega[None])
     angle = torch.cat(angles, dim=-1).float()
-    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x [B, heads, L, head_dim] in float32; the result in `dtype`.
 
-    Eager: one complex multiply on views, (x_2i + i*x_2i+1) * e^(i*angle). Under torch.compile: the same rotation
-    in real arithmetic, which inductor fuses into one kernel (it generates no code for complex numbers).
+    The plain-PyTorch form, for torch.compile (inductor fuses it into one kernel); eager passes use
+    comfy-kitchen's fused RMSNorm + RoPE instead (JointAttention).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        even, odd = pairs.unbind(-1)
-        cos, sin = rope.unbind(-1)
-        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    else:
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rope))
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([rope[..., 0, 0] * even + rope[..., 0, 1] * odd, rope[..., 1, 0] * even + rope[..., 1, 1] * odd], dim=-1)
     return rotated.flatten(-2).to(dtype)
