@@ -142,8 +142,11 @@ class JointAttention(nn.Module):
         tq, tk, tv = self._heads(self.txt_qkv(txt))
         q, k = self._norm_and_rope(iq, ik, tq, tk, rope)
         v = torch.cat([iv, tv], dim=2)
-        out = self._attend(q, k, v, key_bias).transpose(1, 2).flatten(2)
-        return self.to_out[0](out[:, :n_img]), self.to_add_out(out[:, n_img:])
+        out = self._attend(q, k, v, key_bias).transpose(1, 2)  # [B, L, heads, head_dim]
+        # Each stream's part gathered into its own contiguous [B, n, hidden] in one copy, so the projections run as
+        # single fused matmul + bias (a slice of one joined tensor is strided for B > 1: another copy and a bias add).
+        img_out, txt_out = out[:, :n_img].flatten(2), out[:, n_img:].flatten(2)
+        return self.to_out[0](img_out), self.to_add_out(txt_out)
 
 
 class Block(nn.Module):
