@@ -110,3 +110,23 @@ def test_a_refused_page_lock_leaves_no_cuda_error_behind(monkeypatch):
     monkeypatch.setattr(PinnedGroup, "_refusal_logged", False)
     assert not group._register()  # the same memory a second time: the driver refuses
     assert torch.equal((torch.ones(3, device="cuda") * 2).cpu(), torch.full((3,), 2.0))
+
+
+def test_fused_norm_and_rope_matches_the_plain_pytorch_form_on_cuda():
+    """comfy-kitchen's rms_rope (its CUDA or Triton kernel here) against the float32 PyTorch form compile uses."""
+    from lens_core import DiTConfig
+    from lens_core.dit.model import JointAttention
+    from lens_core.dit.rope import apply_rope, rope_frequencies
+
+    torch.manual_seed(0)
+    attention = JointAttention(DiTConfig(hidden=128, heads=2)).cuda().bfloat16()
+    for norm in (attention.norm_q, attention.norm_k, attention.norm_added_q, attention.norm_added_k):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    qkv = [torch.randn(2, 2, n, 64, device="cuda", dtype=torch.bfloat16) * 3 for n in (20, 20, 6, 6)]
+    rope = rope_frequencies(4, 5, 6, (8, 28, 28), "cuda")
+    q, k = attention._norm_and_rope(*qkv, rope)
+    iq, ik, tq, tk = qkv
+    expected_q = apply_rope(torch.cat([attention.norm_q(iq), attention.norm_added_q(tq)], dim=2), rope, torch.bfloat16)
+    expected_k = apply_rope(torch.cat([attention.norm_k(ik), attention.norm_added_k(tk)], dim=2), rope, torch.bfloat16)
+    for out, expected in ((q, expected_q), (k, expected_k)):
+        assert (out.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
