@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..lens_core import pinned
 from ..lens_core.device import default_device
 
 try:
@@ -28,6 +29,30 @@ except ImportError:
     model_patcher = None
     comfy_utils = None
     comfy_args = None
+
+
+
+class ComfyUIPinnedLedger:
+    """ComfyUI's own page-locked memory budget and running total (`MAX_PINNED_MEMORY`, `TOTAL_PINNED_MEMORY` in
+    comfy.model_management, where a ComfyUI version page-locks weights itself): the pack's page-locked memory counts
+    in the same total, so both together stay within ComfyUI's budget, and --disable-pinned-memory applies to it."""
+
+    def __init__(self, management):
+        self.management = management
+
+    def reserve(self, nbytes: int) -> bool:
+        management = self.management
+        if management.MAX_PINNED_MEMORY <= 0 or management.TOTAL_PINNED_MEMORY + nbytes > management.MAX_PINNED_MEMORY:
+            return False
+        management.TOTAL_PINNED_MEMORY += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.management.TOTAL_PINNED_MEMORY -= nbytes
+
+
+if model_management is not None and hasattr(model_management, "MAX_PINNED_MEMORY") and hasattr(model_management, "TOTAL_PINNED_MEMORY"):
+    pinned.ledger = ComfyUIPinnedLedger(model_management)
 
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),
            "loras": ("loras",)}

@@ -19,10 +19,11 @@ from ..lens_core.device import device_bytes
 _patchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def move_model(model, device) -> None:
-    """Move a Lens model with everything it holds (the text encoder's packed expert banks included)."""
+def move_model(model, device, keep_host_copy: bool = False) -> None:
+    """Move a Lens model with everything it holds (the text encoder's packed expert banks included), through its
+    page-locked host copies (lens_core/host_copies.py); `keep_host_copy`: it will come back, make them now."""
     if hasattr(model, "move"):
-        model.move(device)
+        model.move(device, keep_host_copy)
     else:
         model.to(device)
 

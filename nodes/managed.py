@@ -51,10 +51,11 @@ class Managed:
             return
         if self.device.type != "cpu":
             free_memory_for(device_bytes(self.model), self.device)
-        move_model(self.model, self.device)
+        returns = not self.keep_loaded and self.device != offload_device()
+        move_model(self.model, self.device, keep_host_copy=returns)
         try:
             yield self.model
         finally:
-            if not self.keep_loaded and self.device != offload_device():
+            if returns:
                 move_model(self.model, offload_device())
                 release_memory()

@@ -6,10 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cuda_stand_in import RecordingCudart  # noqa: E402 (needs the path above)
+from lens_core import pinned  # noqa: E402
 
 SHARED_GOLDEN = ROOT.parent / "shared" / "golden"
 SHIPPED_GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -68,3 +72,13 @@ def models_dir(tmp_path_factory):
     save_file(lora, str(root / "loras" / "lens_turbo_style_lora.safetensors"))
     __import__(import_pack().__name__ + ".nodes.comfy_bridge", fromlist=["x"]).set_models_dir(root)
     return root
+
+
+@pytest.fixture
+def cudart(monkeypatch):
+    """CUDA "available", registration recorded, and a fresh page-locked budget of 1 GB for the test."""
+    fake = RecordingCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(pinned, "ledger", pinned.Ledger(1 << 30))
+    return fake

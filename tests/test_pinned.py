@@ -12,42 +12,8 @@ import torch
 
 from lens_core import load_dit, pinned
 from lens_core.pinned import ALIGNMENT, PinnedGroup
+from cuda_stand_in import RecordingCudart
 from model_files import TINY_DIT, random_dit_state, write_single
-
-
-class RecordingCudart:
-    """torch.cuda.cudart()'s host-registration calls, recorded; `refuse` makes registration fail like a driver would."""
-
-    class cudaError:
-        success = 0
-
-    def __init__(self, refuse: bool = False):
-        self.refuse = refuse
-        self.registered: dict[int, int] = {}
-        self.unregistered: list[int] = []
-
-    def cudaHostRegister(self, ptr, size, flags):
-        if self.refuse:
-            return 2  # cudaErrorMemoryAllocation
-        assert flags == 0 and ptr not in self.registered
-        self.registered[ptr] = size
-        return 0
-
-    def cudaHostUnregister(self, ptr):
-        assert ptr in self.registered and ptr not in self.unregistered
-        self.unregistered.append(ptr)
-        return 0
-
-    def cudaGetErrorString(self, error):
-        return "out of memory"
-
-
-@pytest.fixture
-def cudart(monkeypatch):
-    fake = RecordingCudart()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
-    return fake
 
 
 def example_tensors():
@@ -92,8 +58,8 @@ def test_a_refused_registration_is_cleared_logged_once_and_never_unregistered(mo
     assert not any(g.pinned for g in groups) and torch.equal(groups[1].tensors[0], torch.ones(1000))
     assert discarded == [True, True]  # each failure's leftover CUDA error is taken at once
     assert [r.getMessage() for r in caplog.records if "page-lock" in r.getMessage()] == [
-        "Lens: the GPU driver refused to page-lock 0.00 GB of streamed weights (out of memory); they stay in ordinary "
-        "memory: outputs are the same, copies do not overlap compute."]
+        "Lens: the GPU driver refused to page-lock 0.00 GB of weights (out of memory); they stay in ordinary memory: "
+        "outputs are the same, their copies to the GPU are slower."]
     del groups
     gc.collect()
     assert refusing.unregistered == []
@@ -115,7 +81,7 @@ def test_swapped_blocks_each_live_in_one_exact_size_registered_buffer(tmp_path, 
     assert sorted(cudart.unregistered) == sorted(cudart.registered)
 
 
-def test_streamed_expert_banks_are_registered_per_bank_and_released_when_moved(cudart):
+def test_streamed_expert_banks_are_registered_per_bank_and_kept_while_the_encoder_is_away(cudart):
     from lens_core.demo import demo_text_encoder
 
     encoder = demo_text_encoder()
@@ -127,6 +93,11 @@ def test_streamed_expert_banks_are_registered_per_bank_and_released_when_moved(c
     assert {bank.weights.data_ptr() for bank in banks} == set(cudart.registered)
     assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
     encoder.set_expert_streaming(False)
-    encoder.move(torch.device("meta"))
+    encoder.move(torch.device("meta"), keep_host_copy=True)  # page-locked copies of the rest too; the banks keep theirs
+    encoder.move(torch.device("cpu"))
+    assert {bank.weights.data_ptr() for bank in encoder.expert_banks()} <= set(cudart.registered)  # their own, back
+    assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
+    assert cudart.unregistered == []
+    del encoder, banks
     gc.collect()
     assert sorted(cudart.unregistered) == sorted(cudart.registered)

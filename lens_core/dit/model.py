@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LensInputError
+from ..host_copies import move_module
 from ..norms import RMSNorm
 from .block_swap import BlockSwap
 from .rope import rope_frequencies, apply_rope
@@ -293,6 +294,12 @@ class LensDiT(nn.Module):
             if index not in swap:
                 block._apply(fn)
         return super()._apply(fn, recurse=False)
+
+    def move(self, device, keep_host_copy: bool = False) -> "LensDiT":
+        """Move the model (less the blocks a block swap keeps on the CPU) through its page-locked host copies
+        (see host_copies.py)."""
+        move_module(self, device, keep_host_copy)
+        return self
 
     def compile_blocks(self, warm_up: bool = True, cuda_graphs: bool = False) -> float:
         """Compile every block with torch.compile; returns the warm-up seconds.

@@ -17,8 +17,6 @@ import comfy_kitchen
 import torch
 import torch.nn.functional as F
 
-from ..pinned import PinnedGroup
-
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -41,27 +39,23 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 class _Bank:
-    """What every bank format shares: its packed tensors (named in TENSORS), their moves, and pinning for streaming."""
+    """What every bank format shares: its packed tensors (named in TENSORS) and their moves."""
 
     TENSORS: tuple[str, ...] = ()
-    _pinned: PinnedGroup | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.TENSORS]
+
+    def set_tensors(self, tensors: list[torch.Tensor]) -> None:
+        for name, tensor in zip(self.TENSORS, tensors):
+            setattr(self, name, tensor)
 
     def to(self, device) -> "_Bank":
-        for name in self.TENSORS:
-            setattr(self, name, getattr(self, name).to(device))
-        if torch.device(device).type != "cpu":
-            self._pinned = None  # the page-locked copies are no longer used: release them
+        self.set_tensors([tensor.to(device) for tensor in self.tensors()])
         return self
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (getattr(self, name) for name in self.TENSORS))
-
-    def pin(self) -> None:
-        """Keep the tensors in page-locked CPU memory of their exact size (see pinned.py), for streamed copies."""
-        if self._pinned is None:
-            self._pinned = PinnedGroup([getattr(self, name).cpu() for name in self.TENSORS])
-            for name, tensor in zip(self.TENSORS, self._pinned.tensors):
-                setattr(self, name, tensor)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class MXFP4Bank(_Bank):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..host_copies import host_copies_of, move_module
 from ..norms import RMSNorm
 
 
@@ -176,7 +177,8 @@ class GptOssEncoder(nn.Module):
                 child._apply(fn)
         inv_freq = self.inv_freq
         super()._apply(fn, recurse=False)
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        if self.inv_freq.dtype != inv_freq.dtype:  # a cast: keep the float32 values
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -192,23 +194,30 @@ class GptOssEncoder(nn.Module):
         """The packed expert banks, which are not module parameters (the loader sets them)."""
         return [bank for layer in self.layers for bank in (layer.mlp.gate_up, layer.mlp.down) if bank is not None]
 
-    def move(self, device) -> "GptOssEncoder":
-        """Move the model and its packed expert banks (which stay in CPU memory while experts are streamed)."""
-        self.to(device)
-        for bank in self.expert_banks():
-            bank.to("cpu" if self.stream_experts else device)
+    def move(self, device, keep_host_copy: bool = False) -> "GptOssEncoder":
+        """Move the model and its packed expert banks (which stay in CPU memory while experts are streamed) through
+        its page-locked host copies (see host_copies.py)."""
+        move_module(self, device, keep_host_copy)
+        self._place_banks("cpu" if self.stream_experts else device, pin=keep_host_copy or self.stream_experts)
         return self
 
     def set_expert_streaming(self, on: bool) -> None:
-        """Keep the packed expert banks (12 of the 13 GB) in CPU memory and copy each routed expert to the compute
-        device as a layer needs it: the GPU holds ~2.5 GB (attention and embeddings) instead of ~13 GB."""
+        """Keep the packed expert banks (12 of the 13 GB) in page-locked CPU memory and copy each routed expert to the
+        compute device as a layer needs it: the GPU holds ~1.3 GB (attention and norms) instead of ~11.4 GB."""
         if on == self.stream_experts:
             return
         self.stream_experts = on
+        self._place_banks("cpu" if on else self.device, pin=on)
+
+    def _place_banks(self, device, pin: bool) -> None:
+        """Move the banks through the host copies; `pin`: give those in CPU memory page-locked homes first (a bank
+        at a time, so RAM grows by one bank at most)."""
+        copies = host_copies_of(self)
         for bank in self.expert_banks():
-            bank.to("cpu")
-            if on:
-                bank.pin()
+            tensors = bank.tensors()
+            if pin and all(t.device.type == "cpu" for t in tensors) and not all(map(copies.is_home, tensors)):
+                tensors = copies.adopt(tensors) or tensors
+            bank.set_tensors(copies.moved(tensors, device))
 
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
         """[B, 1, S, S] float32: 0 where a query may see a key, -inf elsewhere (causal, padding, window)."""

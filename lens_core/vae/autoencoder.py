@@ -12,6 +12,7 @@ import logging
 import torch
 
 from ..errors import LensInputError
+from ..host_copies import move_module
 from .latent import fold, unfold
 from .model import FluxVAEModel
 
@@ -103,6 +104,11 @@ class LensVAE:
 
     def to(self, device) -> "LensVAE":
         self.model.to(device)
+        return self
+
+    def move(self, device, keep_host_copy: bool = False) -> "LensVAE":
+        """Move the model through its page-locked host copies (see host_copies.py)."""
+        move_module(self.model, device, keep_host_copy)
         return self
 
     # -- decode -----------------------------------------------------------------------------------
