@@ -4,7 +4,10 @@ Writes full-size random files once into FOLDER (the 4.1B-parameter denoiser in b
 MXFP4 expert banks in Microsoft's 3-shard layout, 13 GB; the FLUX.2 VAE, 0.17 GB), then loads them in a child
 process one after the other and prints, after each, the model's bytes, the process's peak RSS and that peak over
 the bytes of every model loaded so far (the goal: at most 1.1). With --device cuda it also times each model's
-move to the GPU and back (what a run costs when the models take turns on a small GPU), in GB/s.
+moves to the GPU and back (what a run costs when the models take turns on a small GPU), in GB/s, three ways in the
+same run: from ordinary memory (the page-locked budget set to 0: the baseline), the first trip with the budget
+(up from ordinary memory, down into new page-locked copies), and every later trip (up from the page-locked copies,
+down without a copy).
 
     python bench/bench_load_all.py /tmp/lens_load_bench            # bf16, as on a GPU machine
     python bench/bench_load_all.py /tmp/lens_load_bench --device cuda
@@ -58,9 +61,23 @@ def timed_move(model, device: str) -> float:
     """Seconds to move a model (with whatever it holds outside its parameters) to `device`, the way the nodes do."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    getattr(model, "move", model.to)(device)
+    model.move(device)
     torch.cuda.synchronize()  # a move may return before its copies end
     return time.perf_counter() - start
+
+
+def round_trips(model, device: str, nbytes: int) -> dict:
+    """GB/s of each direction: from ordinary memory (baseline), the first trip with page-locked copies, a later one."""
+    from lens_core import pinned
+
+    budget = pinned.ledger
+    pinned.ledger = pinned.Ledger(0)
+    trips = {"ordinary": (timed_move(model, device), timed_move(model, "cpu"))}
+    pinned.ledger = budget
+    trips["first"] = (timed_move(model, device), timed_move(model, "cpu"))
+    trips["later"] = (timed_move(model, device), timed_move(model, "cpu"))
+    return {f"{name}_{way}_gb_per_s": round(nbytes / seconds / 1e9, 1)
+            for name, pair in trips.items() for way, seconds in zip(("up", "down"), pair)}
 
 
 def child(folder: Path, dtype: torch.dtype, device: str) -> None:
@@ -82,9 +99,7 @@ def child(folder: Path, dtype: torch.dtype, device: str) -> None:
                   "peak_rss_gb": round(peak_rss() / 1e9, 2), "peak_over_loaded": round(peak_rss() / total, 3)}
         if device != "cpu":
             moved = device_bytes(model)
-            to_gpu, to_cpu = timed_move(model, device), timed_move(model, "cpu")
-            report |= {"moved_gb": round(moved / 1e9, 2), "to_gpu_s": round(to_gpu, 2), "to_gpu_gb_per_s": round(moved / to_gpu / 1e9, 1),
-                       "to_cpu_s": round(to_cpu, 2), "to_cpu_gb_per_s": round(moved / to_cpu / 1e9, 1)}
+            report |= {"moved_gb": round(moved / 1e9, 2), **round_trips(model, device, moved)}
         print(json.dumps(report), flush=True)
 
 

@@ -71,8 +71,12 @@ class Ledger:
     @classmethod
     def for_this_machine(cls) -> "Ledger":
         override = os.environ.get("LENS_PINNED_MEMORY_GB")
-        if override is not None:
-            return cls(int(float(override) * GB))
+        if override:
+            try:
+                return cls(int(float(override) * GB))
+            except ValueError:
+                log.warning("Lens: LENS_PINNED_MEMORY_GB=%r is not a number of gigabytes (e.g. 16, or 0 for none); "
+                            "using the default page-locked memory budget", override)
         return cls(default_limit(_total_ram(), platform.system() == "Windows"))
 
     def reserve(self, nbytes: int) -> bool:

@@ -102,6 +102,37 @@ def test_streamed_weights_are_page_locked_and_copy_asynchronously():
     assert all(torch.equal(c.cpu(), t) for c, t in zip(copies, originals))
 
 
+def test_models_taking_turns_keep_page_locked_cpu_copies():
+    """The first move back from the GPU lands in page-locked copies; later moves up copy from them, moves down copy
+    nothing (the same CPU memory every time), and the results stay the same."""
+    from lens_core.demo import demo_dit, demo_text_encoder
+
+    dit, encoder = demo_dit(), demo_text_encoder()
+    torch.manual_seed(0)
+    dit_inputs = (torch.randn(1, 20, 128), torch.tensor([0.6]), torch.randn(1, 6, 4, 64), None, (4, 5))
+    ids = torch.randint(0, 1000, (1, 9))
+    before, features = dit(*dit_inputs), encoder.features(ids, layers=(2, 5))
+
+    def cpu_weights():
+        return [*dit.parameters(), *dit.buffers(), *(t for bank in encoder.expert_banks() for t in bank.tensors())]
+
+    for model in (dit, encoder):
+        model.move("cuda")
+        model.move("cpu")
+    assert all(w.is_pinned() for w in cpu_weights())
+    pointers = [w.data_ptr() for w in cpu_weights()]
+    for model in (dit, encoder):
+        model.move("cuda")
+    assert all(w.device.type == "cuda" for w in [*dit.parameters(), *encoder.expert_banks()[0].tensors()])
+    on_gpu = dit(*dit_inputs).cpu(), [f.cpu() for f in encoder.features(ids, layers=(2, 5))]
+    for model in (dit, encoder):
+        model.move("cpu")
+    assert [w.data_ptr() for w in cpu_weights()] == pointers
+    assert (on_gpu[0] - before).norm() / before.norm() < 1e-3
+    assert all((a - b).norm() / b.norm() < 1e-3 for a, b in zip(on_gpu[1], features))
+    assert torch.equal(dit(*dit_inputs), before) and all(map(torch.equal, encoder.features(ids, layers=(2, 5)), features))
+
+
 def test_a_refused_page_lock_leaves_no_cuda_error_behind(monkeypatch):
     from lens_core.pinned import PinnedGroup
 

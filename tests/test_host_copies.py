@@ -7,6 +7,7 @@ it kept (copying from it raises). Page-locking is CUDA's host registration, reco
 
 import gc
 import logging
+import platform
 
 import pytest
 import torch
@@ -127,9 +128,13 @@ def test_default_budget_follows_comfyui(total_gb, windows, limit_gb):
     assert pinned.default_limit(int(total_gb * pinned.GB), windows) == pytest.approx(limit_gb * pinned.GB, rel=1e-6)
 
 
-def test_budget_can_be_set_from_the_environment(monkeypatch):
+def test_budget_can_be_set_from_the_environment(monkeypatch, caplog):
     monkeypatch.setenv("LENS_PINNED_MEMORY_GB", "1.5")
     assert pinned.Ledger.for_this_machine().limit == int(1.5 * pinned.GB)
+    monkeypatch.setenv("LENS_PINNED_MEMORY_GB", "lots")
+    with caplog.at_level(logging.WARNING, logger="lens_core"):
+        assert pinned.Ledger.for_this_machine().limit == pinned.default_limit(pinned._total_ram(), platform.system() == "Windows")
+    assert "LENS_PINNED_MEMORY_GB='lots' is not a number of gigabytes" in caplog.text
 
 
 def test_inside_comfyui_the_pack_counts_in_comfyuis_own_budget(cudart, monkeypatch, caplog):

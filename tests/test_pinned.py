@@ -7,7 +7,6 @@ how much, and that it is unregistered exactly once, when its owner lets go (whil
 import gc
 import logging
 
-import pytest
 import torch
 
 from lens_core import load_dit, pinned
