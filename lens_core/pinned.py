@@ -14,7 +14,7 @@ then freed) with the group.
 Page-locked memory cannot be swapped out, so the operating system must keep that much RAM back (Windows refuses
 beyond about half of it). Every group asks `ledger` first: outside ComfyUI a budget of the machine's RAM sized as
 ComfyUI sizes its own (40 % on Windows; elsewhere 90 %, but leaving 4 GB, and at least 40 %), or
-$LENS_PINNED_MEMORY_GB; inside ComfyUI its own budget and running total, shared with its pinned weights
+$LENS_PINNED_MEMORY_GB; inside a ComfyUI that page-locks weights itself, its budget and running total, shared
 (nodes/comfy_bridge.py). Past the budget, weights stay in ordinary memory: the same results, slower copies.
 """
 
