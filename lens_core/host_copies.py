@@ -127,10 +127,11 @@ def _replace(module: nn.Module, old: list[torch.Tensor], new: list[torch.Tensor]
     module._apply(lambda tensor: replacement.get(id(tensor), tensor))
 
 
-def pin_in_place(module: nn.Module) -> None:
+def pin_in_place(module: nn.Module, copies: HostCopies | None = None) -> None:
     """Give a module's CPU weights page-locked homes now, a chunk at a time (each chunk's old memory is freed
-    before the next is copied, so RAM grows by one chunk at most), until the budget runs out."""
-    copies = host_copies_of(module)
+    before the next is copied, so RAM grows by one chunk at most), until the budget runs out. `copies`: those of
+    the model the module belongs to (default: the module's own)."""
+    copies = copies or host_copies_of(module)
     pending = chunks([t for t in _moving_tensors(module) if t.device.type == "cpu" and not copies.is_home(t)])
     while pending:
         group = pending.pop(0)
@@ -140,9 +141,11 @@ def pin_in_place(module: nn.Module) -> None:
         _replace(module, group, homes)
 
 
-def move_module(module: nn.Module, device, keep_host_copy: bool = False) -> None:
-    """Move what `module.to(device)` would move through the model's host copies (see the module docstring)."""
+def move_module(module: nn.Module, device, keep_host_copy: bool = False, copies: HostCopies | None = None) -> None:
+    """Move what `module.to(device)` would move through the model's host copies (see the module docstring).
+    `copies`: those of the model the module belongs to (default: the module's own)."""
+    copies = copies or host_copies_of(module)
     if keep_host_copy and torch.device(device).type != "cpu":
-        pin_in_place(module)
+        pin_in_place(module, copies)
     tensors = _moving_tensors(module)
-    _replace(module, tensors, host_copies_of(module).moved(tensors, device))
+    _replace(module, tensors, copies.moved(tensors, device))

@@ -65,6 +65,20 @@ def test_block_swap_keeps_its_own_page_locked_blocks(cudart):
     assert torch.equal(dit(*dit_inputs()), before)
 
 
+def test_changing_the_block_swap_reuses_the_page_locked_copies(cudart):
+    dit = demo_dit()
+    before = dit(*dit_inputs())
+    dit.move(META, keep_host_copy=True)
+    used = pinned.ledger.used
+    dit.swap_blocks(1)  # on the "GPU": the block goes back to its CPU copy (copying from meta would raise)
+    assert all(inside_registered(w, cudart) for w in weights(dit.transformer_blocks[1]))
+    dit.swap_blocks(0)
+    dit.swap_blocks(1)
+    assert pinned.ledger.used == used  # nothing page-locked twice
+    dit.move("cpu")
+    assert torch.equal(dit(*dit_inputs()), before)
+
+
 def test_the_text_encoder_and_its_expert_banks_come_back_without_a_copy(cudart):
     encoder = demo_text_encoder()
     ids = torch.randint(0, 1000, (1, 7))

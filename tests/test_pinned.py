@@ -75,7 +75,10 @@ def test_swapped_blocks_each_live_in_one_exact_size_registered_buffer(tmp_path, 
         exact = sum(t.numel() * t.element_size() for t in tensors)
         assert exact <= size < exact + len(tensors) * ALIGNMENT
         assert all(ptr <= t.data_ptr() < ptr + size for t in tensors)
-    dit.swap_blocks(0)
+    dit.swap_blocks(0)  # the blocks' page-locked copies stay theirs: the model's CPU copy (see host_copies.py)
+    gc.collect()
+    assert cudart.unregistered == [] and len(cudart.registered) == 2
+    del dit, tensors
     gc.collect()
     assert sorted(cudart.unregistered) == sorted(cudart.registered)
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..device import model_bytes
-from ..pinned import PinnedGroup
+from ..host_copies import HostCopies, move_module, pin_in_place
 
 _RESERVE_BYTES = 4 << 30  # activations of a 1440x1440 CFG step with room to spare
 
@@ -28,21 +28,16 @@ class BlockSwap:
     """Which blocks live on the CPU, and how they reach the compute device.
 
     It holds indices, not blocks: a denoiser with LoRAs shares it with its base but runs its own (wrapped) blocks.
+    The swapped blocks' weights are the model's page-locked host copies (host_copies.py): wherever they were, they
+    end up there, at their exact size and within the page-locked budget, and count as the model's CPU copy.
     """
 
-    def __init__(self, blocks: nn.ModuleList, indices: list[int]):
+    def __init__(self, blocks: nn.ModuleList, indices: list[int], copies: HostCopies):
         self.indices = sorted(indices)
         self._stream = None
-        self._pinned = [self._pin(blocks[index]) for index in self.indices]
-
-    @staticmethod
-    def _pin(block: nn.Module) -> PinnedGroup:
-        """Move a block's tensors into one page-locked CPU buffer of their exact size (see pinned.py)."""
-        tensors = list(block_tensors(block).values())
-        group = PinnedGroup(tensors)
-        copies = {id(t): copy for t, copy in zip(tensors, group.tensors)}
-        block._apply(lambda t: copies[id(t)])
-        return group
+        for index in self.indices:
+            move_module(blocks[index], "cpu", copies=copies)
+            pin_in_place(blocks[index], copies)
 
     def __contains__(self, index: int) -> bool:
         return index in self.indices

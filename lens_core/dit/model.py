@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LensInputError
-from ..host_copies import move_module
+from ..host_copies import host_copies_of, move_module
 from ..norms import RMSNorm
 from .block_swap import BlockSwap
 from .rope import rope_frequencies, apply_rope
@@ -268,12 +268,13 @@ class LensDiT(nn.Module):
             raise LensInputError(f"blocks on the CPU must be between 0 and {self.config.blocks - 1}, got {count}.")
         if count == (len(self.block_swap.indices) if self.block_swap else 0):
             return
+        copies = host_copies_of(self)
         if self.block_swap is not None:
             device = self.device
             for index in self.block_swap.indices:
-                self.transformer_blocks[index].to(device)
+                move_module(self.transformer_blocks[index], device, copies=copies)
         blocks = self.config.blocks
-        self.block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks))) if count else None
+        self.block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks)), copies) if count else None
         if count:
             log.info("Lens: %d of %d denoiser blocks stay in CPU memory (%.2f GB) and stream to the compute device as they run",
                      count, blocks, self.block_swap.nbytes(self.transformer_blocks) / 1e9)
