@@ -138,3 +138,22 @@ def test_the_manager_counts_only_what_goes_to_the_gpu(manager):
     encoder = demo_text_encoder()
     encoder.set_expert_streaming(True)
     assert comfy_models.patcher_for(encoder, GPU, torch.device("cpu"), StandInPatcher).size < model_bytes(encoder)
+
+
+def test_comfyuis_loads_and_unloads_go_through_the_page_locked_copies(manager, cudart):
+    """A model with page-locked CPU copies (made on its first trip down from a real GPU) comes back from ComfyUI's
+    unload without a copy: the meta device stands in for the GPU, and copying from it would raise."""
+    from lens_core.demo import demo_dit
+    from lens_core.host_copies import pin_in_place
+
+    dit = demo_dit()
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 6, 128), torch.tensor([0.5]), torch.randn(1, 3, 4, 64), None, (2, 3))
+    before = dit(*inputs)
+    pin_in_place(dit)
+    for _ in range(2):
+        with managed_module.Managed(dit, torch.device("meta")).use() as on_device:
+            assert on_device.device.type == "meta"
+        manager.unload_all_models()
+        assert dit.device.type == "cpu"
+    assert torch.equal(dit(*inputs), before)
