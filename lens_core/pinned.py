@@ -140,8 +140,9 @@ class PinnedGroup:
             view.copy_(tensor, non_blocking=self.pinned)  # from a GPU into page-locked memory: at full speed
             self.tensors.append(view)
             offset += _aligned(nbytes)
-        if self.pinned and any(t.device.type == "cuda" for t in tensors):
-            torch.cuda.synchronize()  # the copies are read on the CPU from now on
+        if self.pinned:
+            for device in {t.device for t in tensors if t.device.type == "cuda"}:
+                torch.cuda.synchronize(device)  # the copies are read on the CPU from now on
 
     def _register(self) -> bool:
         nbytes = self.buffer.numel()

@@ -31,7 +31,6 @@ except ImportError:
     comfy_args = None
 
 
-
 class ComfyUIPinnedLedger:
     """ComfyUI's own page-locked memory budget and running total (`MAX_PINNED_MEMORY`, `TOTAL_PINNED_MEMORY` in
     comfy.model_management, where a ComfyUI version page-locks weights itself): the pack's page-locked memory counts
