@@ -8,8 +8,8 @@ keep while they take turns on the GPU (host_copies.py).
 `Tensor.pin_memory()` allocates through PyTorch's caching host allocator, which rounds every allocation up to a
 power of two: a swapped bf16 block's 170 MB of tensors take 218 MB that way (1.28x; 24 swapped blocks: 5.24 GB
 instead of 4.08). Instead, a `PinnedGroup` packs its tensors into one ordinary CPU buffer that CUDA page-locks in
-place (`cudaHostRegister`): exactly their bytes (plus < 4 KB per tensor of alignment), released (unregistered,
-then freed) with the group.
+place (`cudaHostRegister`): exactly their bytes (plus < 4 KB per tensor, and per group, of alignment), released
+(unregistered, then freed) with the group.
 
 Page-locked memory cannot be swapped out, so the operating system must keep that much RAM back (Windows refuses
 beyond about half of it). Every group asks `ledger` first: outside ComfyUI a budget of the machine's RAM sized as
@@ -100,6 +100,15 @@ def can_pin(nbytes: int) -> bool:
     return True
 
 
+def _whole_pages(nbytes: int) -> torch.Tensor:
+    """A CPU byte buffer of `nbytes` (a multiple of ALIGNMENT) that starts on a page boundary, so that the pages it
+    covers belong to it alone: registering it can never overlap another registered buffer's page (CUDA refuses
+    that), which small heap allocations side by side otherwise could."""
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
+    start = -raw.data_ptr() % ALIGNMENT
+    return raw[start:start + nbytes]
+
+
 def _discard_cuda_error() -> None:
     """A failed CUDA runtime call leaves its error behind for the next kernel launch check, which would raise it in
     unrelated code; one tiny kernel and a sync take it here, where it is already handled."""
@@ -128,7 +137,7 @@ class PinnedGroup:
     _refusal_logged = False
 
     def __init__(self, tensors: list[torch.Tensor]):
-        self.buffer = torch.empty(packed_bytes(tensors), dtype=torch.uint8)
+        self.buffer = _whole_pages(packed_bytes(tensors))
         self.pinned = torch.cuda.is_available() and self.buffer.numel() > 0 and self._register()
         if self.pinned:
             release = weakref.finalize(self, _release, self.buffer, ledger)
