@@ -53,6 +53,18 @@ def test_a_denoiser_comes_back_from_the_gpu_without_a_copy(cudart):
     assert sorted(cudart.unregistered) == sorted(registered) and pinned.ledger.used == 0
 
 
+def test_fp8_weights_come_back_too(cudart):
+    """fp8 weights and their scales are buffers, not parameters: they travel the same way."""
+    from lens_core.quant import Fp8Linear, to_fp8_weights
+
+    dit = to_fp8_weights(demo_dit().bfloat16(), fast=False)
+    assert any(isinstance(m, Fp8Linear) for m in dit.modules())
+    before = dit(*dit_inputs())
+    dit.move(META, keep_host_copy=True).move("cpu")
+    assert all(inside_registered(w, cudart) for w in weights(dit))
+    assert torch.equal(dit(*dit_inputs()), before)
+
+
 def test_block_swap_keeps_its_own_page_locked_blocks(cudart):
     dit = demo_dit()
     before = dit(*dit_inputs())
