@@ -11,3 +11,10 @@ class LensFileError(LensError):
 
 class LensInputError(LensError, ValueError):
     """An argument (size, steps, tensor shape...) cannot be used; raised before any heavy work."""
+
+
+def some(names, shown: int = 5) -> str:
+    """A few names and a count of the rest, so a message stays short however many names a file produces."""
+    names = list(names)
+    listed = ", ".join(name if len(name) <= 80 else name[:77] + "..." for name in map(str, names[:shown]))
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LensFileError
+
 log = logging.getLogger("lens_core")
 MXFP8_FORMAT = "mxfp8"
 
@@ -26,8 +28,16 @@ def comfy_quant_tensor(fmt: str) -> torch.Tensor:
     return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
 
 
-def read_comfy_quant(marker: torch.Tensor) -> dict:
-    return json.loads(bytes(marker.to(torch.uint8).tolist()).decode())
+def read_comfy_quant(marker: torch.Tensor, where: str) -> str:
+    """The quantisation format a `.comfy_quant` marker names ("?" when it names none)."""
+    try:
+        declared = json.loads(bytes(marker.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        declared = None
+    if not isinstance(declared, dict):
+        raise LensFileError(f"{where}: this quantisation marker is not a JSON object. The file is damaged: "
+                            "download it again.")
+    return str(declared.get("format", "?"))[:40]
 
 
 def quantize_linear_mxfp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import LensFileError
+from .errors import LensFileError, some
+from .identify import describe
 
 _DTYPES = {
     "F64": torch.float64,
@@ -46,6 +47,80 @@ class TensorInfo:
     end: int
 
 
+def _short(name: str) -> str:
+    """A tensor name fit for a message, however long the name in the file is."""
+    return repr(some([name]))
+
+
+def _no_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {_short(duplicate)} appears more than once")
+    return dict(pairs)
+
+
+def _load_header_json(raw: bytes, where: str) -> dict:
+    """The header as a dict of tensor entries; any other JSON (a list, a number, nesting too deep for Python's
+    parser, duplicate keys) is a broken file."""
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LensFileError(f"{where}: the safetensors header is corrupt ({str(e)[:200]}). Download the file again.") from None
+    except RecursionError:
+        raise LensFileError(f"{where}: the safetensors header is corrupt (nested too deeply). Download the file again.") from None
+    if not isinstance(header, dict):
+        raise LensFileError(f"{where}: the safetensors header is a JSON {type(header).__name__}, not a map of tensors. "
+                            "Download the file again.")
+    return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(name: str, info, where: str) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of counts, offsets that hold exactly that many bytes."""
+    broken = f"{where}: tensor {_short(name)} has a broken header entry"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise LensFileError(f"{broken} (expected dtype, shape and data_offsets). Download the file again.")
+    dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise LensFileError(f"{where}: tensor {_short(name)} has dtype {str(info['dtype'])[:20]!r}, which this pack "
+                            "cannot read.")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise LensFileError(f"{broken} (its shape is not a list of non-negative whole numbers). Download the file again.")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets) \
+            or offsets[0] > offsets[1]:
+        raise LensFileError(f"{broken} (its data_offsets are not [start, end] with 0 <= start <= end). "
+                            "Download the file again.")
+    start, end = offsets
+    elements = 1
+    for n in shape:
+        elements *= n
+    if elements * dtype.itemsize != end - start:
+        raise LensFileError(f"{broken} (shape {shape[:8]} of {info['dtype']} needs {elements * dtype.itemsize:,} bytes, "
+                            f"its offsets hold {end - start:,}). Download the file again.")
+    return TensorInfo(dtype, tuple(shape), start, end)
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_bytes: int, where: str) -> None:
+    """Every tensor inside the file, and no two sharing bytes."""
+    previous_end, previous = 0, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.end > data_bytes:
+            raise LensFileError(
+                f"{where}: the file is truncated ({data_bytes:,} bytes of tensor data, tensor {_short(name)} needs "
+                f"{info.end:,}). The download was probably interrupted: download it again."
+            )
+        if info.start < previous_end:
+            raise LensFileError(f"{where}: tensors {_short(previous)} and {_short(name)} overlap in the file. "
+                                "Download the file again.")
+        if info.end > info.start:
+            previous_end, previous = info.end, name
+
+
 class SafetensorsFile:
     """One `.safetensors` file: its header is parsed and checked on open; tensors are read on demand."""
 
@@ -58,34 +133,24 @@ class SafetensorsFile:
 
     def _parse_header(self):
         where = f"{self.path}"
+        redownload = "Download the file again."
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise LensFileError(f"{where}: the file is empty or truncated; it is not a safetensors file. Download it again.")
+                raise LensFileError(f"{where}: the file is empty or truncated; it is not a safetensors file. {redownload}")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > min(_MAX_HEADER_BYTES, self.size - 8):
                 raise LensFileError(
                     f"{where}: this is not a valid safetensors file (bad header length). "
                     "It may be a .ckpt/.pt/.gguf file renamed, or a partial download: download it again."
                 )
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise LensFileError(f"{where}: the safetensors header is corrupt ({e}). Download the file again.") from None
+            header = _load_header_json(f.read(header_len), where)
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise LensFileError(f"{where}: the safetensors metadata is not a map of text to text. {redownload}")
         data_start = 8 + header_len
-        tensors = {}
-        for name, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise LensFileError(f"{where}: tensor {name!r} has dtype {info.get('dtype')!r}, which this pack cannot read.")
-            start, end = info["data_offsets"]
-            if data_start + end > self.size:
-                raise LensFileError(
-                    f"{where}: the file is truncated ({self.size:,} bytes, tensor {name!r} needs "
-                    f"{data_start + end:,}). The download was probably interrupted: download it again."
-                )
-            tensors[name] = TensorInfo(dtype, tuple(info["shape"]), start, end)
+        tensors = {name: _tensor_info(name, info, where) for name, info in header.items()}
+        _check_layout(tensors, self.size - data_start, where)
         return metadata, tensors, data_start
 
     def keys(self):
@@ -130,14 +195,29 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def require(self, keys) -> None:
+        """Raise a LensFileError naming the file, what it looks like and the missing keys (a few, then a count)."""
+        missing = [key for key in keys if key not in self._where]
+        if missing:
+            raise LensFileError(
+                f"{self.name}: this looks like {describe(self.keys(), self.shape)}, but {len(missing)} of its weights "
+                f"{'is' if len(missing) == 1 else 'are'} missing ({some(missing)}). The file is incomplete (an "
+                "interrupted download or a missing shard?): download it again."
+            )
+
+    def _file_of(self, key: str) -> SafetensorsFile:
+        if key not in self._where:
+            self.require([key])
+        return self._where[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._where[key].tensors[key].shape
+        return self._file_of(key).tensors[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._where[key].tensors[key].dtype
+        return self._file_of(key).tensors[key].dtype
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._where[key].read(key, dtype)
+        return self._file_of(key).read(key, dtype)
 
 
 def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -> Checkpoint:

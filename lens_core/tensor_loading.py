@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import LensFileError
+from .errors import LensFileError, some
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -43,9 +43,8 @@ def check_against_checkpoint(model: nn.Module, keys, shape_of, file_name: str, k
     expected = expected_tensors(model)
     missing = [name for name in expected if key_prefix + name not in keys]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LensFileError(
-            f"{file_name}: {len(missing)} weights are missing ({shown}). The file is incomplete "
+            f"{file_name}: {len(missing)} weights are missing ({some(missing)}). The file is incomplete "
             "(an interrupted download or a missing shard?): download it again."
         )
     for name, (shape, _) in expected.items():
@@ -55,6 +54,19 @@ def check_against_checkpoint(model: nn.Module, keys, shape_of, file_name: str, k
                 f"{file_name}: weight {key_prefix + name} has shape {list(got)}, but the other weights "
                 f"in the file imply {list(shape)}. The file is inconsistent or from another model."
             )
+
+
+def missing_numbers(present: set[int], count: int) -> str:
+    """Which of the parts numbered 0 .. count-1 (blocks, layers) are absent from `present`: the first few and how
+    many in all. The work is bounded by the parts present, not by `count` (a number read from a file: a file
+    naming block 100000000 must not make a list that long)."""
+    first, number = [], 0
+    while len(first) < 5 and number < count:
+        if number not in present:
+            first.append(str(number))
+        number += 1
+    absent = count - len({n for n in present if 0 <= n < count})
+    return f"{absent:,} of them ({', '.join(first)}{', ...' if absent > len(first) else ''})"
 
 
 def fill_from_checkpoint(model: nn.Module, read, device, float_dtype: torch.dtype, key_prefix: str = "",

@@ -179,3 +179,26 @@ def test_partly_matching_file_warns_and_bad_shapes_are_named(base, tmp_path, cap
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LensFileError, match="broken.safetensors"):
         load_lora(tmp_path / "broken.safetensors", dit)
+
+
+def test_a_model_file_given_as_a_lora_is_named(tmp_path):
+    from te_files import hf_reference, write_comfy_nvfp4
+
+    write_comfy_nvfp4(hf_reference()[0], tmp_path / "gpt_oss.safetensors")
+    dit = load_dit(write_single(random_dit_state(), tmp_path / "d.safetensors"), device="cpu")
+    with pytest.raises(LensFileError, match="not a LoRA file.*GPT-OSS.*belongs in the text-encoder slot"):
+        load_lora(tmp_path / "gpt_oss.safetensors", dit)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_non_finite_lora_values_and_strength_are_refused(tmp_path, alpha):
+    from lens_core import LensInputError
+
+    state = random_dit_state()
+    dit = load_dit(write_single(state, tmp_path / "d.safetensors"), device="cpu")
+    path = write_kohya(deltas(state, 0, alpha=alpha), tmp_path / "nan.safetensors")
+    with pytest.raises(LensFileError, match="nan.safetensors: layer .* holds NaN or infinite values"):
+        load_lora(path, dit)
+    good = write_kohya(deltas(state, 0, alpha=4), tmp_path / "ok.safetensors")
+    with pytest.raises(LensInputError, match="LoRA strength nan is not a finite number"):
+        apply_loras(dit, [(good, float("nan"))])

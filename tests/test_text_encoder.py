@@ -111,7 +111,7 @@ def test_missing_shard_is_named(golden, tmp_path):
     with pytest.raises(LensFileError, match="model-00002-of-00002.safetensors is missing"):
         load_text_encoder(folder, device="cpu")
     (folder / "model.safetensors.index.json").unlink()
-    with pytest.raises(LensFileError, match=r"layers \[4, 5\] are missing"):
+    with pytest.raises(LensFileError, match=r"6 layers, but 2 of them \(4, 5\) are missing"):
         load_text_encoder(folder, device="cpu")
 
 

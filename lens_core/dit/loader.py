@@ -21,7 +21,7 @@ from ..errors import LensFileError, LensInputError
 from ..identify import describe, placement_hint
 from ..quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
 from ..safetensors_reader import Checkpoint, open_component
-from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
+from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from .model import DiTConfig, LensDiT
 
 log = logging.getLogger("lens_core")
@@ -44,16 +44,22 @@ def _key_prefix(ckpt: Checkpoint) -> str:
     )
 
 
+_CONFIG_KEYS = ("img_in.weight", "transformer_blocks.0.attn.norm_q.weight", "transformer_blocks.0.img_mlp.w1.weight",
+                "txt_norm.0.weight", "proj_out.weight", "time_text_embed.timestep_embedder.linear_1.weight")
+
+
 def config_from_checkpoint(ckpt: Checkpoint, prefix: str = "") -> DiTConfig:
     """The DiT sizes implied by the tensor shapes (checked against each other at fill time)."""
     def shape(name):
         return ckpt.shape(prefix + name)
 
-    block_ids = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))}
-    text_ids = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"txt_norm\.(\d+)\.weight$", k))}
+    ckpt.require(prefix + key for key in _CONFIG_KEYS)
+    block_ids = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d{1,9})\.", k))}
+    text_ids = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"txt_norm\.(\d{1,9})\.weight$", k))}
     if block_ids != set(range(len(block_ids))):
-        missing = sorted(set(range(max(block_ids) + 1)) - block_ids)
-        raise LensFileError(f"{ckpt.name}: transformer blocks {missing} are missing. The file is incomplete: download it again.")
+        raise LensFileError(f"{ckpt.name}: the file numbers its transformer blocks up to {max(block_ids)}, but "
+                            f"{missing_numbers(block_ids, max(block_ids) + 1)} are missing. "
+                            "The file is incomplete or damaged: download it again.")
     hidden, in_channels = shape("img_in.weight")
     head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
     if hidden % head_dim:
@@ -78,7 +84,13 @@ def _check_config_json(ckpt: Checkpoint, cfg: DiTConfig) -> None:
     config_file = folder / "config.json"
     if not folder.is_dir() or not config_file.is_file():
         return
-    declared = json.loads(config_file.read_text())
+    try:
+        declared = json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        declared = None
+    if not isinstance(declared, dict):
+        raise LensFileError(f"{config_file}: this is not a JSON object, so it is not the model's config.json. "
+                            "Download it again with the denoiser's other files.")
     checks = {"num_layers": cfg.blocks, "num_attention_heads": cfg.heads, "attention_head_dim": cfg.head_dim, "enc_hidden_dim": cfg.text_width}
     for field, actual in checks.items():
         if field in declared and declared[field] != actual:
@@ -94,7 +106,7 @@ def _quantised_linears(ckpt: Checkpoint, prefix: str) -> dict[str, str]:
     for key in ckpt.keys():
         if key.startswith(prefix) and key.endswith(".comfy_quant"):
             module = key[len(prefix):-len(".comfy_quant")]
-            formats[module] = read_comfy_quant(ckpt.read(key)).get("format", "?")
+            formats[module] = read_comfy_quant(ckpt.read(key), f"{ckpt.name}: {key}")
     return formats
 
 

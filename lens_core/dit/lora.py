@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LensFileError
+from ..errors import LensFileError, LensInputError
+from ..identify import describe, placement_hint
 from ..safetensors_reader import SafetensorsFile
 
 log = logging.getLogger("lens_core")
@@ -118,6 +120,10 @@ def load_lora(path, dit: nn.Module) -> LoRA:
             unmatched.append(key)
             continue
         parts.setdefault(name, {})[part] = file.read(key)
+    if not any(_split_key(key) for key in keys):
+        looks_like = describe(keys, lambda key: file.tensors[key].shape)
+        raise LensFileError(f"{path}: this is not a LoRA file (no lora_down / lora_A weights): it looks like "
+                            f"{looks_like}.{placement_hint(looks_like)}")
     if not parts:
         raise LensFileError(
             f"{path.name} matched none of the Lens denoiser's layers ({len(keys)} keys, 0 matched): it looks like "
@@ -144,6 +150,9 @@ def _layer(file_name: str, name: str, tensors: dict[str, torch.Tensor], target: 
             f"maps {target.in_features} -> {target.out_features} features (down must be [rank, {target.in_features}], "
             f"up [{target.out_features}, rank]). Is this LoRA for another model size?"
         )
+    if not all(torch.isfinite(tensor).all() for tensor in tensors.values()):
+        raise LensFileError(f"{file_name}: layer {name} holds NaN or infinite values, which would turn every image "
+                            "black. The file is damaged (or its training diverged): download it again or use another.")
     scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
     return LoRALayer(down.float(), up.float(), scale)
 
@@ -197,6 +206,8 @@ def apply_loras(dit: nn.Module, loras: list[tuple]) -> nn.Module:
     result.__dict__["base_model"] = getattr(dit, "base_model", dit)
     dtype = torch.float32 if dit.dtype == torch.float32 else torch.bfloat16
     for source, strength in loras:
+        if not math.isfinite(strength):
+            raise LensInputError(f"LoRA strength {strength} is not a finite number; use e.g. 1.0 (0 turns the LoRA off).")
         if strength == 0:
             continue
         lora = source if isinstance(source, LoRA) else load_lora(source, dit)

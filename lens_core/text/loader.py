@@ -14,7 +14,7 @@ from ..device import resolve_compute
 from ..errors import LensFileError
 from ..identify import describe, placement_hint
 from ..safetensors_reader import Checkpoint, open_component
-from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint
+from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
 
@@ -32,11 +32,25 @@ def _prefix(ckpt: Checkpoint) -> str:
     raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not GPT-OSS.{placement_hint(looks_like)} Expected {_EXPECTED}.")
 
 
+_CONFIG_KEYS = ("embed_tokens.weight", "layers.0.self_attn.sinks", "layers.0.self_attn.q_proj.weight",
+                "layers.0.self_attn.k_proj.weight", "layers.0.mlp.router.weight")
+
+
+def _layer_ids(ckpt: Checkpoint, prefix: str) -> set[int]:
+    return {int(m.group(1)) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"layers\.(\d{1,9})\.", k))}
+
+
 def _config_json(ckpt: Checkpoint) -> dict | None:
     first = Path(ckpt.files[0].path)
     candidate = first.parent / "config.json"
     if candidate.is_file():
-        config = json.loads(candidate.read_text())
+        try:
+            config = json.loads(candidate.read_bytes())
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            config = None
+        if not isinstance(config, dict):
+            raise LensFileError(f"{candidate}: this is not a JSON object, so it is not the model's config.json. "
+                                "Download it again with the text encoder's other files.")
         if config.get("model_type", "gpt_oss") != "gpt_oss":
             raise LensFileError(f"{candidate}: model_type is {config.get('model_type')!r}, not gpt_oss. Expected {_EXPECTED}.")
         return config
@@ -49,7 +63,8 @@ def config_from(ckpt: Checkpoint, prefix: str, declared: dict | None) -> GptOssC
     def shape(name):
         return ckpt.shape(prefix + name)
 
-    layers = len({m.group(1) for k in ckpt.keys() if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))})
+    ckpt.require(prefix + key for key in _CONFIG_KEYS)
+    layers = len(_layer_ids(ckpt, prefix))
     vocab, hidden = shape("embed_tokens.weight")
     heads = shape("layers.0.self_attn.sinks")[0]
     head_dim = shape("layers.0.self_attn.q_proj.weight")[0] // heads
@@ -137,12 +152,16 @@ def _check_layers(ckpt: Checkpoint, prefix: str, cfg: GptOssConfig, declared: di
     """Every layer must be there: as many as config.json says, or GPT-OSS-20B's 24 for its width."""
     if declared is not None:
         expected = declared.get("num_hidden_layers", cfg.layers)
+        if not isinstance(expected, int) or isinstance(expected, bool) or expected < 1:
+            raise LensFileError(f"{ckpt.name}: its config.json gives num_hidden_layers = {str(expected)[:40]}, not a "
+                                "positive whole number. Download config.json again.")
     else:
         expected = GptOssConfig().layers if cfg.hidden == GptOssConfig().hidden else cfg.layers
-    missing = [i for i in range(expected) if prefix + f"layers.{i}.self_attn.sinks" not in ckpt]
-    if missing:
-        raise LensFileError(f"{ckpt.name}: layers {missing} are missing. The file is incomplete (a missing shard?): "
-                            "download every file of the text encoder again.")
+    present = {i for i in _layer_ids(ckpt, prefix) if prefix + f"layers.{i}.self_attn.sinks" in ckpt}
+    if len({i for i in present if i < expected}) < expected:
+        raise LensFileError(f"{ckpt.name}: the model has {expected:,} layers, but {missing_numbers(present, expected)} "
+                            "are missing. The file is incomplete (a missing shard?): download every file of the text "
+                            "encoder again.")
 
 
 def _check_bank(file_name: str, layer: int, bank, expected: tuple[int, int, int]) -> None:

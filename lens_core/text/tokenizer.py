@@ -82,7 +82,7 @@ def _from_json_text(json_text: str, source: str) -> LensTokenizer:
     try:
         tokenizer = Tokenizer.from_str(json_text)
     except Exception as e:  # tokenizers raises a bare Exception subclass for any parse problem
-        raise LensFileError(f"{source}: not a valid tokenizer.json ({e}).") from None
+        raise LensFileError(f"{source}: not a valid tokenizer.json ({str(e)[:200]}).") from None
     return LensTokenizer(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, source)
 
 
@@ -119,7 +119,11 @@ def _embedded(path: Path) -> LensTokenizer | None:
     file = SafetensorsFile(path)
     if "tokenizer_json" not in file.keys():
         return None
-    text = bytes(file.read("tokenizer_json").flatten().tolist()).decode("utf-8")
+    try:
+        text = bytes(file.read("tokenizer_json").flatten().tolist()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise LensFileError(f"{path}: the embedded tokenizer_json is not UTF-8 text. The file is damaged: download it "
+                            "again.") from None
     return _from_json_text(text, f"{path} (embedded tokenizer_json)")
 
 

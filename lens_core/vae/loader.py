@@ -59,7 +59,7 @@ def _ldm_names(ckpt: Checkpoint) -> dict[str, str]:
 
 def _config(names: dict[str, str], ckpt: Checkpoint) -> VAEConfig:
     def shape(name):
-        return ckpt.shape(names[name])
+        return ckpt.shape(names.get(name, name))
 
     channels = shape("encoder.conv_in.weight")[0]
     levels = sorted({int(m.group(1)) for n in names if (m := re.match(r"encoder\.down\.(\d+)\.", n))})
@@ -74,6 +74,8 @@ def _check_is_flux2_vae(names: dict[str, str], ckpt: Checkpoint) -> None:
     if all(r in names for r in required):
         return
     looks_like = describe(names.keys(), lambda k: ckpt.shape(names[k]))
+    if "FLUX.2 VAE" in looks_like:  # the right model with weights missing: say which
+        ckpt.require(names.get(r, r) for r in required)
     hint = placement_hint(looks_like)
     if "FLUX.1 VAE" in looks_like:
         hint = " A FLUX.1 VAE (ae.safetensors of FLUX.1) is a common mix-up: Lens needs the FLUX.2 VAE (Comfy-Org flux2-vae.safetensors)."

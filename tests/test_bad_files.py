@@ -1,0 +1,173 @@
+"""Broken and hostile model files: every one ends in a LensFileError naming the file, quickly and in bounded memory."""
+
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from lens_core import LensFileError, load_dit, load_text_encoder, load_vae
+from lens_core.safetensors_reader import SafetensorsFile
+from model_files import random_dit_state, write_single
+from te_files import golden_te_folder, hf_reference, write_comfy_nvfp4
+
+
+def raw_file(path, header, data: bytes = b"") -> str:
+    """A file in safetensors framing with any header (bytes, or a value written as JSON)."""
+    if not isinstance(header, bytes):
+        header = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return str(path)
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.fixture(scope="module")
+def dit_state():
+    return random_dit_state()
+
+
+@pytest.mark.parametrize("header,complaint", [
+    ([], "JSON list, not a map"),
+    (None, "JSON NoneType, not a map"),
+    (3, "JSON int, not a map"),
+    ({"a": []}, "broken header entry"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, "broken header entry"),
+    ({"a": entry(offsets=(8, 0))}, "data_offsets are not"),
+    ({"a": entry(offsets=(-8, 0))}, "data_offsets are not"),
+    ({"a": entry(offsets=(0, 8, 1))}, "data_offsets are not"),
+    ({"a": entry(shape=(3,))}, "needs 12 bytes, its offsets hold 8"),
+    ({"a": entry(shape=(-2,))}, "shape is not a list"),
+    ({"a": entry(shape=(2.0,))}, "shape is not a list"),
+    ({"a": entry(shape=(True, 2))}, "shape is not a list"),
+    ({"a": entry(shape=(1 << 62, 1 << 62))}, "its offsets hold 8"),
+    ({"a": entry(dtype=["F32"])}, "cannot read"),
+    ({"a": entry(), "b": entry("U8", (4,), (4, 8))}, "overlap"),
+    ({"a": entry(offsets=(8, 16))}, "truncated"),
+    ({"__metadata__": ["x"], "a": entry()}, "metadata is not a map"),
+    (b'{"a": ' * 100_000, "corrupt"),
+    (b'{"a": {}, "a": {}}', "appears more than once"),
+    (b'\xff\xfe{}', "corrupt"),
+])
+def test_malformed_headers_name_the_file(tmp_path, header, complaint):
+    path = raw_file(tmp_path / "bad.safetensors", header, bytes(8))
+    with pytest.raises(LensFileError, match=complaint) as caught:
+        SafetensorsFile(path)
+    assert str(caught.value).startswith(path) and len(str(caught.value)) < 500
+
+
+def test_a_valid_header_still_reads(tmp_path):
+    path = raw_file(tmp_path / "ok.safetensors", {"a": entry(), "__metadata__": {"k": "v"}},
+                    struct.pack("<2f", 1.5, -2.0))
+    file = SafetensorsFile(path)
+    assert file.metadata == {"k": "v"} and file.read("a").tolist() == [1.5, -2.0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                           max_leaves=12),
+       data=st.binary(max_size=64))
+def test_fuzzed_headers_either_load_or_raise_lens_file_error(tmp_path, header, data):
+    path = raw_file(tmp_path / "fuzz.safetensors", header, data)
+    try:
+        file = SafetensorsFile(path)
+    except LensFileError:
+        return
+    for name in file.keys():
+        file.read(name)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_entries_either_load_or_raise_lens_file_error(tmp_path, data):
+    count = st.integers(-4, 40)
+    header = {data.draw(st.text(max_size=4)): {
+        "dtype": data.draw(st.sampled_from(["F32", "BF16", "U8", "F8_E4M3", "Q4", ""])),
+        "shape": data.draw(st.lists(count, max_size=3)),
+        "data_offsets": data.draw(st.lists(count, min_size=1, max_size=3)),
+    } for _ in range(data.draw(st.integers(1, 3)))}
+    path = raw_file(tmp_path / "fuzz.safetensors", header, bytes(data.draw(st.integers(0, 48))))
+    try:
+        file = SafetensorsFile(path)
+    except LensFileError:
+        return
+    for name in file.keys():
+        assert file.read(name).numel() == torch.Size(file.tensors[name].shape).numel()
+
+
+def test_a_huge_block_number_costs_nothing(tmp_path, dit_state):
+    """One extra key naming block 100000000 once drove the loader to 9 GB and a 89 MB message."""
+    state = dict(dit_state, **{"transformer_blocks.100000000.pad": torch.zeros(1)})
+    with pytest.raises(LensFileError, match=r"up to 100000000, but 99,999,998 of them \(2, 3, 4, 5, 6, \.\.\.\)") as caught:
+        load_dit(write_single(state, tmp_path / "d.safetensors"), device="cpu")
+    assert len(str(caught.value)) < 400
+
+
+def test_a_huge_layer_count_in_config_json_costs_nothing(golden, tmp_path):
+    folder = golden_te_folder(golden, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=10_000_000)))
+    with pytest.raises(LensFileError, match=r"10,000,000 layers, but 9,999,99\d of them") as caught:
+        load_text_encoder(folder, device="cpu")
+    assert len(str(caught.value)) < 400
+    for bad in ("1e7", "[1]", "null", "{"):
+        (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=json.loads(bad)))
+                                            if bad != "{" else bad)
+        with pytest.raises(LensFileError, match="num_hidden_layers|not a JSON object"):
+            load_text_encoder(folder, device="cpu")
+
+
+def test_denoiser_config_json_that_is_not_an_object(tmp_path, dit_state):
+    from model_files import write_diffusers_shards
+
+    folder = write_diffusers_shards(dit_state, tmp_path / "transformer")
+    for text in ("[1, 2]", "not json", '"x"'):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(LensFileError, match="config.json: this is not a JSON object"):
+            load_dit(folder, device="cpu")
+
+
+@pytest.mark.parametrize("key", ["img_in.weight", "proj_out.weight", "txt_norm.0.weight"])
+def test_denoiser_missing_a_top_level_weight(tmp_path, dit_state, key):
+    partial = {k: v for k, v in dit_state.items() if k != key}
+    path = write_single(partial, tmp_path / "d.safetensors")
+    with pytest.raises(LensFileError, match=rf"looks like a Lens denoiser.*1 of its weights is missing \({key}\)"):
+        load_dit(path, device="cpu")
+
+
+def test_text_encoder_missing_weights(tmp_path):
+    model, _ = hf_reference()
+    path = tmp_path / "te.safetensors"
+    write_comfy_nvfp4(model, path)
+    state = load_file(str(path))
+    for key in ("embed_tokens.weight", "layers.1.mlp.experts.down_proj.weight_scale_2"):
+        save_file({k: v for k, v in state.items() if k != key}, str(path))
+        with pytest.raises(LensFileError, match=rf"looks like a GPT-OSS.*missing \({key}\)"):
+            load_text_encoder(path, device="cpu")
+
+
+def test_vae_missing_weights(golden, tmp_path):
+    state = load_file(str(golden / "vae_tiny_ldm.safetensors"))
+    path = tmp_path / "vae.safetensors"
+    for key in ("encoder.down.1.block.0.conv1.weight", "decoder.up.0.block.0.conv2.weight", "bn.running_var"):
+        save_file({k: v for k, v in state.items() if k != key}, str(path))
+        with pytest.raises(LensFileError, match=rf"missing \({key}\)") as caught:
+            load_vae(path, device="cpu")
+        assert "belongs in" not in str(caught.value)
+
+
+def test_bad_quantisation_marker_and_embedded_tokenizer(tmp_path, dit_state):
+    from lens_core.text.tokenizer import load_tokenizer
+
+    state = dict(dit_state, **{"transformer_blocks.0.img_mlp.w1.comfy_quant": torch.tensor([0xff, 0xfe], dtype=torch.uint8)})
+    with pytest.raises(LensFileError, match="w1.comfy_quant: this quantisation marker is not a JSON object"):
+        load_dit(write_single(state, tmp_path / "q.safetensors"), device="cpu")
+    save_file({"tokenizer_json": torch.tensor([0xff, 0x00], dtype=torch.uint8)}, str(tmp_path / "te.safetensors"))
+    with pytest.raises(LensFileError, match="tokenizer_json is not UTF-8"):
+        load_tokenizer(tmp_path / "te.safetensors")
