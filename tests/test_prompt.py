@@ -1,11 +1,13 @@
 """Tokenizer sources, the Harmony template, truncation, the empty-negative rule and the feature cache."""
 
 import json
+import os
 import threading
+import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lens_core import LensFileError, PromptCache, encode_prompts, load_text_encoder, load_tokenizer, render_and_tokenize
 from lens_core.text.prompt import MAX_TOKENS, PREFIX_TOKENS, render_prompt
@@ -182,7 +184,7 @@ def test_prompt_cache_concurrent_writers(tmp_path):
         try:
             for _ in range(20):
                 cache.put("enc", "same prompt", None, (1,), value)
-                got = cache.get("enc", "same prompt", None, (1,))
+                got = cache.get("enc", "same prompt", None, (1,), 4)
                 assert got is None or torch.equal(got[0], value[0])
         except Exception as e:  # collected and re-raised in the main thread
             errors.append(e)
@@ -194,9 +196,66 @@ def test_prompt_cache_concurrent_writers(tmp_path):
         t.join()
     assert not errors
     assert not list(tmp_path.glob("*.tmp"))
-    assert cache.get("enc", "same prompt", None, (1,))[2] == 2
+    assert cache.get("enc", "same prompt", None, (1,), 4)[2] == 2
 
 
 def test_non_lens_encoder_file_for_tokenizer(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "te.safetensors"))
     assert load_tokenizer(tmp_path / "te.safetensors").source.startswith("bundled")
+
+
+def _entry(cache):
+    (path,) = cache.folder.glob("*.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "foreign", "wrong_shape", "nan"])
+def test_a_damaged_cache_entry_is_discarded_and_recomputed(golden_te, tmp_path, caplog, damage):
+    cache = PromptCache(tmp_path / "cache")
+    tokenizer = SmallVocabTokenizer()
+    first = encode_prompts(golden_te, tokenizer, ["a red apple"], layers=(1, 3, 4), cache=cache)
+    path = _entry(cache)
+    good = {k: v.clone() for k, v in load_file(str(path)).items()}
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-7])
+    elif damage == "foreign":
+        save_file({"weights": torch.zeros(3)}, str(path))
+    elif damage == "wrong_shape":
+        save_file(dict(good, features=good["features"][:, :2].contiguous()), str(path))
+    else:
+        save_file(dict(good, features=good["features"].index_fill(0, torch.tensor([0]), float("nan"))), str(path))
+    with caplog.at_level("WARNING", logger="lens_core"):
+        again = encode_prompts(golden_te, tokenizer, ["a red apple"], layers=(1, 3, 4), cache=cache)
+    assert torch.equal(first.features, again.features)
+    assert [r.message for r in caplog.records if "discarded and computed again" in r.message]
+    assert torch.equal(load_file(str(_entry(cache)))["features"].clone(), good["features"])  # rewritten
+
+
+def test_an_unwritable_cache_warns_and_encoding_goes_on(golden_te, tmp_path, caplog):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    tokenizer = SmallVocabTokenizer()
+    with caplog.at_level("WARNING", logger="lens_core"):
+        got = encode_prompts(golden_te, tokenizer, ["a red apple"], layers=(1, 3, 4), cache=PromptCache(not_a_folder / "c"))
+    expected = encode_prompts(golden_te, tokenizer, ["a red apple"], layers=(1, 3, 4))
+    assert torch.equal(got.features, expected.features)
+    assert any("could not write the prompt cache" in r.message for r in caplog.records)
+
+
+def test_temporary_files_of_killed_writes_are_removed_when_stale(tmp_path):
+    cache = PromptCache(tmp_path)
+    stale, fresh = tmp_path / "a.tmp", tmp_path / "b.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    cache.put("enc", "p", None, (1,), (torch.zeros(2, 1, 4), torch.ones(2, dtype=torch.bool), 0))
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_prompt_with_a_lone_surrogate_is_cached(tmp_path):
+    cache = PromptCache(tmp_path)
+    value = (torch.ones(2, 1, 4), torch.ones(2, dtype=torch.bool), 0)
+    cache.put("enc", "bad \ud800 text", None, (1,), value)
+    assert torch.equal(cache.get("enc", "bad \ud800 text", None, (1,), 4)[0], value[0])

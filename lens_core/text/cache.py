@@ -4,21 +4,31 @@ Keyed by the encoder's identity (file paths, sizes, mtimes), the template date a
 layers and the prompt. Entries are written to a temporary file and renamed into place (atomic on
 POSIX and Windows), so concurrent readers never see half a file and concurrent writers of the same
 key simply replace each other with identical content. The oldest entries (by last use) are removed
-when the folder grows past `max_bytes`.
+when the folder grows past `max_bytes`, and temporary files left by a killed write are removed after an hour.
+
+The cache is an optimisation and never fails an encode: an entry that cannot be read, has the wrong shapes or holds
+non-finite values is discarded with a warning and recomputed; a cache that cannot be written warns and is skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..errors import LensFileError
+from ..safetensors_reader import SafetensorsFile
 from .prompt import template_date
+
+log = logging.getLogger("lens_core")
+_STALE_TEMPORARY_SECONDS = 3600
 
 
 def default_cache_dir() -> Path:
@@ -32,34 +42,66 @@ class PromptCache:
         self.max_bytes = max_bytes
 
     def _path(self, encoder_identity: str, prompt: str, date, layers) -> Path:
-        key = json.dumps([encoder_identity, template_date(date), list(layers), prompt], ensure_ascii=False)
-        return self.folder / (hashlib.sha256(key.encode("utf-8")).hexdigest() + ".safetensors")
+        key = json.dumps([encoder_identity, template_date(date), list(layers), prompt])  # ASCII: lone surrogates too
+        return self.folder / (hashlib.sha256(key.encode("ascii")).hexdigest() + ".safetensors")
 
-    def get(self, encoder_identity: str, prompt: str, date, layers):
+    def get(self, encoder_identity: str, prompt: str, date, layers, hidden: int):
+        """(features [n, len(layers), hidden] float32, mask [n] bool, dropped tokens), or None when not cached."""
         path = self._path(encoder_identity, prompt, date, layers)
-        try:
-            tensors = load_file(str(path))
-            os.utime(path)
-        except (FileNotFoundError, OSError, ValueError, RuntimeError):
+        if not path.is_file():
             return None
-        return tensors["features"], tensors["mask"].bool(), int(tensors["dropped"].item())
+        try:  # read into memory, not memory-mapped: a file damaged while mapped would crash the process
+            entry = SafetensorsFile(path)
+            features, mask, dropped = (entry.read(name) if name in entry.tensors else None
+                                       for name in ("features", "mask", "dropped"))
+        except (LensFileError, OSError) as e:
+            return self._discard(path, f"it cannot be read ({str(e)[:160]})")
+        if (features is None or mask is None or dropped is None or features.dtype != torch.float32 or features.ndim != 3
+                or features.shape[1:] != (len(layers), hidden) or mask.shape != features.shape[:1] or dropped.numel() != 1):
+            return self._discard(path, "it does not hold features of this encoder's shape")
+        if not torch.isfinite(features).all():
+            return self._discard(path, "it holds NaN or infinite values")
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return features, mask.bool(), int(dropped.item())
+
+    def _discard(self, path: Path, why: str) -> None:
+        log.warning("Lens: the cached prompt features %s are discarded and computed again: %s.", path, why)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
 
     def put(self, encoder_identity: str, prompt: str, date, layers, value) -> None:
+        """Store an entry; a cache that cannot be written (read-only, full disk, not a folder) only warns."""
         features, mask, dropped = value
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(encoder_identity, prompt, date, layers)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            os.close(fd)
             save_file({"features": features.contiguous(), "mask": mask.to(torch.uint8).contiguous(),
                        "dropped": torch.tensor([dropped])}, tmp)
             os.replace(tmp, path)
+            self._evict()
+        except Exception as e:  # OSError, or safetensors' own error type for a failed write
+            log.warning("Lens: could not write the prompt cache in %s (%s); prompts are encoded again next time. "
+                        "Set LENS_CACHE_DIR to a writable folder to keep them.", self.folder, str(e)[:200])
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-        self._evict()
 
     def _evict(self) -> None:
+        for p in self.folder.glob("*.tmp"):  # left by a write that was killed
+            try:
+                if time.time() - p.stat().st_mtime > _STALE_TEMPORARY_SECONDS:
+                    p.unlink()
+            except OSError:
+                pass
         entries = []
         for p in self.folder.glob("*.safetensors"):
             try:

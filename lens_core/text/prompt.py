@@ -126,7 +126,7 @@ def encode_prompts(encoder, tokenizer: LensTokenizer, prompts: list[str] | str, 
     for i, prompt in enumerate(prompts):
         if is_empty_prompt(prompt):
             continue
-        hit = cache.get(encoder.identity, prompt, date, layers) if cache is not None else None
+        hit = cache.get(encoder.identity, prompt, date, layers, encoder.config.hidden) if cache is not None else None
         if hit is not None:
             results[i] = hit
         else:
