@@ -10,6 +10,7 @@ and the files are still *written* with the `safetensors` library.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -37,6 +38,8 @@ _DTYPES = {
     "F8_E8M0": torch.float8_e8m0fnu,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_FINGERPRINT_SAMPLES, _FINGERPRINT_SAMPLE_BYTES = 16, 64 * 1024
+_FINGERPRINT_WHOLE_BYTES = 64 * 1024 * 1024  # files up to this size are hashed whole
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,23 @@ class SafetensorsFile:
     def keys(self):
         return self.tensors.keys()
 
+    def fingerprint(self) -> str:
+        """A hash of the file's content: its header, its size and 16 samples of 64 KiB spread over its data (1 MiB
+        read, whatever the file's size; files up to 64 MiB are hashed whole). Unlike size and modification time, it
+        tells a fine-tune (every weight changed) from its base and survives copies that keep mtimes (`cp -p`,
+        `rsync -a`, tar); an edit of a few bytes between samples of a large file goes unseen."""
+        digest = hashlib.sha256(str(self.size).encode())
+        with open(self.path, "rb") as f:
+            digest.update(f.read(self._data_start))
+            if self.size <= _FINGERPRINT_WHOLE_BYTES:
+                digest.update(f.read())
+                return digest.hexdigest()
+            span = max(self.size - self._data_start - _FINGERPRINT_SAMPLE_BYTES, 0)
+            for i in range(_FINGERPRINT_SAMPLES):
+                f.seek(self._data_start + span * i // (_FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+        return digest.hexdigest()
+
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time)."""
         info = self.tensors[name]
@@ -191,6 +211,10 @@ class Checkpoint:
 
     def keys(self):
         return self._where.keys()
+
+    def fingerprint(self) -> str:
+        """A hash of the content of every file (see `SafetensorsFile.fingerprint`)."""
+        return hashlib.sha256(" ".join(f.fingerprint() for f in self.files).encode()).hexdigest()
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -258,3 +282,16 @@ def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoi
     if not shards:
         raise LensFileError(f"{path}: this folder holds no {shard_prefix}*.safetensors files.")
     return Checkpoint([SafetensorsFile(p) for p in shards], str(path))
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A content hash of a model file, or of a model folder (its safetensors files and JSON configs, at any depth),
+    for caches that must not confuse two models (see `SafetensorsFile.fingerprint`)."""
+    path = Path(path)
+    if path.is_file():
+        return SafetensorsFile(path).fingerprint()
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*.safetensors")) + sorted(path.rglob("*.json")):
+        part = SafetensorsFile(file).fingerprint() if file.suffix == ".safetensors" else file.read_bytes()
+        digest.update(f"{file.relative_to(path)}\n".encode() + (part.encode() if isinstance(part, str) else part))
+    return digest.hexdigest()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import threading
 
 import torch
 
-from ..lens_core import load_dit, load_text_encoder, load_tokenizer, load_vae
-from ..lens_core.device import describe, model_bytes, resolve_compute
-from ..lens_core.dit.block_swap import auto_blocks_on_cpu
+from ..lens_core import LensError, load_dit, load_text_encoder, load_tokenizer, load_vae
+from ..lens_core.device import describe, resolve_compute
+from ..lens_core import placement
+from ..lens_core.placement import TEXT_ENCODER_PLACEMENTS
 from ..lens_core.presets import guess_variant
+from ..lens_core.safetensors_reader import fingerprint
 from ..lens_core.quant import FP8_WEIGHT_DTYPES
 from .comfy_bridge import compute_device, list_models, model_path
 from .managed import Managed
@@ -19,47 +21,20 @@ log = logging.getLogger("lens_core")
 CATEGORY = "Lens"
 HF = "https://huggingface.co/Comfy-Org/Lens/resolve/main"
 _cache: dict = {}
+_cache_lock = threading.Lock()
 
 
 def _load_once(kind: str, path: str, settings, loader):
-    """Reuse a model loaded with the same file and settings (ComfyUI re-runs loaders on every prompt)."""
-    stat = Path(path).stat()
-    key = (kind, path, stat.st_size, stat.st_mtime, settings)
-    if key not in _cache:
-        for old in [k for k in _cache if k[0] == kind]:
-            del _cache[old]
-        _cache[key] = loader()
-    return _cache[key]
-
-
-_ENCODER_RESERVE_BYTES = 1_500_000_000  # CUDA context, a 512-token prompt's activations, one layer's experts decoded
-TEXT_ENCODER_DEVICES = ("auto", "gpu", "cpu", "gpu_stream_experts")
-
-
-def streams_experts_to_fit(encoder_gpu_bytes: int, gpu_total_bytes: int, reserve: int = _ENCODER_RESERVE_BYTES) -> bool:
-    """Whether the text encoder needs its expert banks left in CPU memory to fit the GPU."""
-    return encoder_gpu_bytes + reserve > gpu_total_bytes
-
-
-def _text_encoder_placement(choice: str, encoder, device: torch.device) -> str:
-    """"auto": the whole encoder on the GPU where it fits the GPU's memory with room to spare (16 GB cards and up),
-    else on the GPU with its expert banks streamed from CPU memory (12 GB cards and down); elsewhere the compute device."""
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "gpu"
-    gpu_bytes = model_bytes(encoder) - encoder.embed_tokens.weight.nbytes  # the embedding stays on the CPU anyway
-    total = torch.cuda.get_device_properties(device).total_memory
-    return "gpu_stream_experts" if streams_experts_to_fit(gpu_bytes, total) else "gpu"
-
-
-def _blocks_on_cpu(dit, device) -> int:
-    """Block swap's "auto": enough blocks on the CPU for the rest of the denoiser to fit the GPU's memory."""
-    if device.type != "cuda":
-        return 0
-    total = torch.cuda.get_device_properties(device).total_memory
-    block_bytes = model_bytes(dit.transformer_blocks[0])
-    return auto_blocks_on_cpu(model_bytes(dit), block_bytes, dit.config.blocks, total)
+    """Reuse a model loaded from the same file content with the same load-time settings (ComfyUI re-runs loaders on
+    every prompt). The key is the file's content hash, not its size and date, so a replaced file always reloads.
+    One lock for all loads: two nodes asking for one file at once load it once."""
+    key = (kind, path, fingerprint(path), settings)
+    with _cache_lock:
+        if key not in _cache:
+            for old in [k for k in _cache if k[0] == kind]:
+                del _cache[old]
+            _cache[key] = loader()
+        return _cache[key]
 
 
 class LensModelLoader:
@@ -89,7 +64,7 @@ class LensModelLoader:
                                               "H100 and newer. fp16 is not offered: Lens overflows in fp16."}),
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "Keep the models on the GPU between runs (faster, uses VRAM). "
                                                                      "Off: each model moves to the GPU only while it runs."}),
-            "text_encoder_device": (list(TEXT_ENCODER_DEVICES), {
+            "text_encoder_device": (list(TEXT_ENCODER_PLACEMENTS), {
                 "default": "auto", "tooltip": "auto: gpu where the GPU holds the whole encoder with room to spare (16 GB cards and up), "
                                               "else gpu_stream_experts. gpu: all of GPT-OSS-20B on the GPU (11.4 GB). cpu: on the CPU "
                                               "(~14 GB of RAM, no VRAM; slower, but prompts are cached on disk). gpu_stream_experts: on "
@@ -107,18 +82,19 @@ class LensModelLoader:
 
     @classmethod
     def IS_CHANGED(cls, dit_name, text_encoder_name, vae_name, **_settings):
-        """Re-run when a file is replaced under the same name (its size or modification time changes)."""
-        fingerprint = []
+        """Re-run when a file's content changes under the same name (a hash of its header and a sample of its data)."""
+        hashes = []
         for kind, name in (("diffusion_models", dit_name), ("text_encoders", text_encoder_name), ("vae", vae_name)):
             try:
-                stat = Path(model_path(kind, name)).stat()
-                fingerprint.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
-            except OSError:  # not there (yet): ComfyUI reports it when the loader runs
-                fingerprint.append(f"{name}:missing")
-        return "|".join(fingerprint)
+                hashes.append(f"{name}:{fingerprint(model_path(kind, name))}")
+            except (OSError, LensError):  # missing or broken: the loader reports it when it runs
+                hashes.append(f"{name}:unreadable")
+        return "|".join(hashes)
 
     def load(self, dit_name, text_encoder_name, vae_name, variant, weight_dtype, keep_loaded, text_encoder_device="auto", compile=False,
              blocks_on_cpu=0, attention="sdpa"):
+        """The denoiser, text encoder and VAE, shared with other loader nodes on the same files; this node's block swap,
+        attention and encoder placement are applied whenever its models are used (see Managed.prepare)."""
         device = compute_device()
         fp8 = weight_dtype if weight_dtype in FP8_WEIGHT_DTYPES else None
         _, dtype = resolve_compute(device, None if weight_dtype == "auto" or fp8 else weight_dtype, what="the Lens models")
@@ -129,20 +105,27 @@ class LensModelLoader:
         encoder = _load_once("te", te_path, dtype, lambda: load_text_encoder(te_path, device="cpu", dtype=dtype))
         tokenizer = _load_once("tok", te_path, None, lambda: load_tokenizer(te_path))
         vae = _load_once("vae", vae_path, dtype, lambda: load_vae(vae_path, device="cpu", dtype=dtype))
-        dit.swap_blocks(_blocks_on_cpu(dit, device) if blocks_on_cpu < 0 else min(blocks_on_cpu, dit.config.blocks - 1))
-        dit.use_attention(attention)
         if encoder.config.hidden != dit.config.text_width:
             raise ValueError(f"{text_encoder_name} gives {encoder.config.hidden}-wide features but {dit_name} expects "
                              f"{dit.config.text_width}: pick the GPT-OSS-20B text encoder made for Lens.")
         resolved = guess_variant(dit_name, dit.file_metadata) if variant == "auto" else variant
-        placement = _text_encoder_placement(text_encoder_device, encoder, device)
-        encoder_device = torch.device("cpu") if placement == "cpu" else device
-        encoder.set_expert_streaming(placement == "gpu_stream_experts")
-        if text_encoder_device == "auto" and placement != "gpu":
-            log.info("Lens Model Loader: text encoder placement auto -> %s (the GPU's memory is too small for all of it)", placement)
+        swapped = placement.blocks_on_cpu(blocks_on_cpu, dit, device)
+        encoder_placement = placement.text_encoder_placement(text_encoder_device, encoder, device)
+        encoder_device = torch.device("cpu") if encoder_placement == "cpu" else device
+        if text_encoder_device == "auto" and encoder_placement != "gpu":
+            log.info("Lens Model Loader: text encoder placement auto -> %s (the GPU's memory is too small for all of it)",
+                     encoder_placement)
         for what, model, runs_on in ((f"denoiser {dit_name} ({resolved})", dit, device),
                                      (f"text encoder {text_encoder_name}", encoder, encoder_device), (f"VAE {vae_name}", vae, device)):
             log.info("Lens Model Loader: %s", describe(what, model, runs_on))
-        return (Managed(dit, device, keep_loaded, {"variant": resolved, "name": dit_name}),
-                Managed(encoder, encoder_device, keep_loaded, {"tokenizer": tokenizer}),
+
+        def prepare_dit(model):
+            model.swap_blocks(swapped)
+            model.use_attention(attention)
+
+        def prepare_encoder(model):
+            model.set_expert_streaming(encoder_placement == "gpu_stream_experts")
+
+        return (Managed(dit, device, keep_loaded, {"variant": resolved, "name": dit_name}, prepare_dit),
+                Managed(encoder, encoder_device, keep_loaded, {"tokenizer": tokenizer}, prepare_encoder),
                 Managed(vae, device, keep_loaded))

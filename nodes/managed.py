@@ -9,6 +9,7 @@ ComfyUI version's manager cannot take it, the model moves to the GPU before use 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,12 +25,17 @@ log = logging.getLogger("lens_core")
 
 @dataclass
 class Managed:
-    """A model plus where it computes; `with managed.use() as model:` puts it there for the block."""
+    """A model plus where it computes; `with managed.use() as model:` puts it there for the block.
+
+    Loader nodes on the same file share one model (the weights); `prepare` applies this node's own settings (block
+    swap, attention, expert streaming) to it each time it is used, so two nodes' settings never leak into each other.
+    """
 
     model: object
     device: torch.device = field(default_factory=compute_device)
     keep_loaded: bool = False
     extras: dict = field(default_factory=dict)
+    prepare: Callable[[object], None] | None = None
 
     def _load_through_comfyui(self) -> bool:
         """Let ComfyUI's manager load the model; False outside ComfyUI or where its API differs."""
@@ -45,6 +51,8 @@ class Managed:
 
     @contextmanager
     def use(self):
+        if self.prepare is not None:
+            self.prepare(self.model)
         if self._load_through_comfyui():
             move_model(self.model, self.device)  # a LoRA's own small weights; the shared rest is already there
             yield self.model

@@ -171,3 +171,20 @@ def test_bad_quantisation_marker_and_embedded_tokenizer(tmp_path, dit_state):
     save_file({"tokenizer_json": torch.tensor([0xff, 0x00], dtype=torch.uint8)}, str(tmp_path / "te.safetensors"))
     with pytest.raises(LensFileError, match="tokenizer_json is not UTF-8"):
         load_tokenizer(tmp_path / "te.safetensors")
+
+
+def test_fingerprint_of_a_large_file_samples_it_and_sees_a_fine_tune(tmp_path):
+    import os
+
+    from lens_core.safetensors_reader import fingerprint
+
+    path = tmp_path / "big.safetensors"
+    base = torch.randn(17 * 1024 * 1024 // 4, 4)  # 68 MiB: past the whole-file limit
+    save_file({"w": base}, str(path))
+    stat = path.stat()
+    first = fingerprint(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert fingerprint(path) == first
+    save_file({"w": base * 1.001}, str(path))  # same size, every weight changed
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and fingerprint(path) != first

@@ -271,17 +271,31 @@ def test_cached_prompt_does_not_move_the_encoder(models_dir, tmp_path, monkeypat
     assert len(uses) == 2
 
 
-def test_loader_fingerprint_follows_the_files(models_dir):
+def test_loader_fingerprint_follows_the_file_content(models_dir):
+    """A fine-tune of the same size copied with its old modification time (cp -p, rsync -a, tar) is a new model;
+    touching a file is not."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
     loader = NODES["LensPackModelLoader"]
     names = ("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors")
     before = loader.IS_CHANGED(*names, variant="auto")
-    assert before == loader.IS_CHANGED(*names, variant="auto")
     vae_file = models_dir / "vae" / "flux2-vae.safetensors"
-    import os
+    original = vae_file.read_bytes()
     stat = vae_file.stat()
     os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert loader.IS_CHANGED(*names, variant="auto") != before
-    assert "missing" in loader.IS_CHANGED("gone.safetensors", names[1], names[2])
+    assert loader.IS_CHANGED(*names, variant="auto") == before
+    tuned = {k: v.clone() for k, v in load_file(str(vae_file)).items()}
+    tuned["decoder.conv_out.bias"] += 0.5
+    try:
+        save_file(tuned, str(vae_file))
+        os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert vae_file.stat().st_size == stat.st_size
+        assert loader.IS_CHANGED(*names, variant="auto") != before
+    finally:
+        vae_file.write_bytes(original)
+    assert "gone.safetensors:unreadable" in loader.IS_CHANGED("gone.safetensors", names[1], names[2])
 
 
 def test_loader_logs_device_dtype_and_sizes(models_dir, caplog):
@@ -317,30 +331,79 @@ def test_block_swap_from_the_loader_gives_the_same_image(models_dir):
     loader, turbo = NODES["LensPackModelLoader"](), NODES["LensPackTurboSampler"]()
     names = ("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False, "gpu", False)
     model, te, _ = loader.load(*names, 1)
-    assert model.model.block_swap.indices == [1]
     positive, _ = NODES["LensPackTextEncode"]().encode(te, "a red fox", "")
     swapped = turbo.run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)[0]["samples"]
+    assert model.model.block_swap.indices == [1]
     model, _, _ = loader.load(*names, 0)
+    unswapped = turbo.run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)[0]["samples"]
     assert model.model.block_swap is None
-    assert torch.equal(turbo.run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)[0]["samples"], swapped)
+    assert torch.equal(unswapped, swapped)
+
+
+def test_two_loader_nodes_on_one_file_keep_their_own_settings(models_dir):
+    """They share the weights (one load), not the state: each node's block swap applies when its model runs,
+    also through a LoRA clone of it."""
+    names = ("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32", False,
+             "gpu", False)
+    swapping, plain = NODES["LensPackModelLoader"](), NODES["LensPackModelLoader"]()
+    swapped_model, te, _ = swapping.load(*names, 1)
+    plain_model, _, _ = plain.load(*names, 0)
+    assert swapped_model.model is plain_model.model  # one copy of the weights
+    (lora_model,) = NODES["LensPackLoraLoader"]().apply(swapped_model, "lens_turbo_style_lora.safetensors", 0.5)
+    positive, _ = NODES["LensPackTextEncode"]().encode(te, "a red fox", "")
+    turbo, latent = NODES["LensPackTurboSampler"](), {"samples": torch.zeros(1, 128, 3, 4)}
+    plain_out = turbo.run(plain_model, positive, latent, 1, 2)[0]["samples"]
+    assert plain_model.model.block_swap is None
+    swapped_out = turbo.run(swapped_model, positive, latent, 1, 2)[0]["samples"]
+    assert swapped_model.model.block_swap.indices == [1]
+    assert torch.equal(swapped_out, plain_out)
+    turbo.run(lora_model, positive, latent, 1, 2)
+    assert lora_model.model.block_swap.indices == [1] and plain_model.model.block_swap.indices == [1]  # shared blocks
+    assert torch.equal(turbo.run(plain_model, positive, latent, 1, 2)[0]["samples"], plain_out)
+    assert plain_model.model.block_swap is None and lora_model.model.block_swap is None
+
+
+def test_concurrent_loads_of_one_file_load_it_once(models_dir, monkeypatch):
+    import threading
+    import time
+
+    loader_module = __import__(pack.__name__ + ".nodes.loader", fromlist=["x"])
+    monkeypatch.setattr(loader_module, "_cache", {})
+    calls = []
+
+    def slow_load(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.2)
+        return object()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(loader_module._load_once(
+        "vae", str(models_dir / "vae" / "flux2-vae.safetensors"), None, slow_load))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len({id(r) for r in results}) == 1
 
 
 def test_text_encoder_placement_auto_streams_experts_only_where_the_gpu_is_too_small(monkeypatch):
     from types import SimpleNamespace
 
+    from lens_core import placement
     from lens_core.demo import demo_text_encoder
     from lens_core.device import model_bytes
 
-    loader_module = __import__(pack.__name__ + ".nodes.loader", fromlist=["x"])
     gb = 10**9
-    assert not loader_module.streams_experts_to_fit(int(11.4 * gb), 16 * gb)  # the real encoder on a 16 GB card
-    assert loader_module.streams_experts_to_fit(int(11.4 * gb), 12 * gb)  # and on a 12 GB card
+    assert not placement.streams_experts_to_fit(int(11.4 * gb), 16 * gb)  # the real encoder on a 16 GB card
+    assert placement.streams_experts_to_fit(int(11.4 * gb), 12 * gb)  # and on a 12 GB card
     encoder = demo_text_encoder()
     on_gpu = model_bytes(encoder) - encoder.embed_tokens.weight.nbytes
     cuda = torch.device("cuda")
-    for total, expected in ((on_gpu + loader_module._ENCODER_RESERVE_BYTES, "gpu"),
-                            (on_gpu + loader_module._ENCODER_RESERVE_BYTES - 1, "gpu_stream_experts")):
+    for total, expected in ((on_gpu + placement.ENCODER_RESERVE_BYTES, "gpu"),
+                            (on_gpu + placement.ENCODER_RESERVE_BYTES - 1, "gpu_stream_experts")):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(total_memory=total))
-        assert loader_module._text_encoder_placement("auto", encoder, cuda) == expected
-    assert loader_module._text_encoder_placement("auto", encoder, torch.device("cpu")) == "gpu"  # the compute device
-    assert loader_module._text_encoder_placement("cpu", encoder, cuda) == "cpu"
+        assert placement.text_encoder_placement("auto", encoder, cuda) == expected
+    assert placement.text_encoder_placement("auto", encoder, torch.device("cpu")) == "gpu"  # the compute device
+    assert placement.text_encoder_placement("cpu", encoder, cuda) == "cpu"
+
+

@@ -233,7 +233,7 @@ class LensDiT(nn.Module):
         self.config = cfg
         self.text_mask = text_mask
         self.compiled = False
-        self.block_swap: BlockSwap | None = None
+        self._block_swap: BlockSwap | None = None
         self.img_in = nn.Linear(cfg.in_channels, cfg.hidden)
         self.txt_norm = nn.ModuleList([RMSNorm(cfg.text_width, 1e-5) for _ in range(cfg.text_layers)])
         self.txt_in = nn.Linear(cfg.text_layers * cfg.text_width, cfg.hidden)
@@ -261,11 +261,21 @@ class LensDiT(nn.Module):
         for block in self.transformer_blocks:
             block.attn.sage = kernel
 
+    @property
+    def block_swap(self) -> BlockSwap | None:
+        """The block swap of the model whose weights these are: a denoiser with LoRAs (apply_loras) shares its base's
+        block weights, so it shares where they live too."""
+        return self.__dict__.get("base_model", self)._block_swap
+
     def swap_blocks(self, count: int) -> None:
         """Keep the last `count` blocks in CPU memory and stream them to the compute device as they run
-        (see block_swap.py); 0 keeps every block on the model's device. Moving the model leaves them on the CPU."""
+        (see block_swap.py); 0 keeps every block on the model's device. Moving the model leaves them on the CPU.
+        On a denoiser with LoRAs it changes the base's (shared) blocks."""
         if not 0 <= count < self.config.blocks:
             raise LensInputError(f"blocks on the CPU must be between 0 and {self.config.blocks - 1}, got {count}.")
+        base = self.__dict__.get("base_model", self)
+        if base is not self:
+            return base.swap_blocks(count)
         if count == (len(self.block_swap.indices) if self.block_swap else 0):
             return
         copies = host_copies_of(self)
@@ -274,7 +284,7 @@ class LensDiT(nn.Module):
             for index in self.block_swap.indices:
                 move_module(self.transformer_blocks[index], device, copies=copies)
         blocks = self.config.blocks
-        self.block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks)), copies) if count else None
+        self._block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks)), copies) if count else None
         if count:
             log.info("Lens: %d of %d denoiser blocks stay in CPU memory (%.2f GB) and stream to the compute device as they run",
                      count, blocks, self.block_swap.nbytes(self.transformer_blocks) / 1e9)
@@ -285,7 +295,7 @@ class LensDiT(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Moves and casts skip the swapped blocks: they stay in CPU memory (see swap_blocks)."""
-        swap = self.__dict__.get("block_swap")
+        swap = self.block_swap
         if swap is None or not recurse:
             return super()._apply(fn, recurse)
         for name, child in self.named_children():

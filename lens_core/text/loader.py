@@ -3,6 +3,7 @@ or plain bf16/fp32 weights. Expert banks stay packed (see experts.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -171,5 +172,8 @@ def _check_bank(file_name: str, layer: int, bank, expected: tuple[int, int, int]
 
 
 def _identity(ckpt: Checkpoint) -> str:
-    """Names this encoder for the prompt cache: file names, sizes and modification times."""
-    return ";".join(f"{Path(f.path).resolve()}:{f.size}:{int(os.path.getmtime(f.path))}" for f in ckpt.files)
+    """Names this encoder's weights for the prompt cache: a hash of the files' content, so a fine-tune of the same
+    size, or a file copied with its old modification time, never gets another encoder's features."""
+    config = Path(ckpt.files[0].path).parent / "config.json"
+    declared = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else "-"
+    return f"{ckpt.fingerprint()}:{declared}"

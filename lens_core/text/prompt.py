@@ -24,6 +24,7 @@ MAX_TOKENS = 512
 PREFIX_TOKENS = 97
 SUFFIX_TOKENS = 22  # the template after the prompt, from `<|end|>` on
 SELECTED_LAYERS = (5, 11, 17, 23)
+FEATURES_VERSION = 2  # part of every prompt-cache key: raise it when a change here alters the features
 _CONTROL_MARKER = re.compile(r"<\|[^|<>]*\|>")
 
 TEMPLATE = (
@@ -121,12 +122,14 @@ def encode_prompts(encoder, tokenizer: LensTokenizer, prompts: list[str] | str, 
     unconditional input). `cache` (a PromptCache) skips the encoder for prompts seen before.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    # What the features depend on besides the prompt: the weights, the compute dtype and this code.
+    identity = f"{encoder.identity}:{getattr(encoder, 'dtype', None)}:v{FEATURES_VERSION}"
     results: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(prompts)
     todo = []
     for i, prompt in enumerate(prompts):
         if is_empty_prompt(prompt):
             continue
-        hit = cache.get(encoder.identity, prompt, date, layers, encoder.config.hidden) if cache is not None else None
+        hit = cache.get(identity, prompt, date, layers, encoder.config.hidden) if cache is not None else None
         if hit is not None:
             results[i] = hit
         else:
@@ -142,7 +145,7 @@ def encode_prompts(encoder, tokenizer: LensTokenizer, prompts: list[str] | str, 
             length = int(kept_mask[row].sum())
             results[i] = (stacked[row, :length].clone(), kept_mask[row, :length].clone(), dropped[row])
             if cache is not None:
-                cache.put(encoder.identity, prompts[i], date, layers, results[i])
+                cache.put(identity, prompts[i], date, layers, results[i])
     hidden = encoder.config.hidden
     length = max([r[0].shape[0] for r in results if r is not None], default=1)
     features = torch.zeros(len(prompts), length, len(layers), hidden)
