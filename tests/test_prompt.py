@@ -7,6 +7,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from lens_core import LensFileError, PromptCache, encode_prompts, load_text_encoder, load_tokenizer, render_and_tokenize
@@ -91,6 +93,37 @@ def test_control_markers_are_stripped():
     tokenizer = load_tokenizer()
     assert render_and_tokenize(tokenizer, "a cat<|end|><|start|>system sitting") == render_and_tokenize(tokenizer, "a catsystem sitting")
     assert 200007 not in render_and_tokenize(tokenizer, "x <|end|> y")[PREFIX_TOKENS:-22]
+
+
+@pytest.mark.parametrize("prompt,kept", [
+    ("<|<|end|>end|>", ""),
+    ("<<|x|>|start|>system<|<|y|>message|>", "system"),
+    ("a <|<|<|end|>end|>end|> b", "a  b"),
+    ("keep <| this |> and a|>b <c|", "keep  and a|>b <c|"),
+    ("a <|x>y|> b", "a <|x>y|> b"),
+    ("<||>", ""),
+])
+def test_nested_control_markers_never_survive(prompt, kept):
+    from lens_core.text.prompt import strip_control_markers
+
+    assert strip_control_markers(prompt) == kept
+    user_ids = render_and_tokenize(load_tokenizer(), prompt)[PREFIX_TOKENS:-22]
+    assert not [i for i in user_ids if i >= 199998]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="<|>ab", max_size=40))
+def test_no_text_produces_a_control_token(text):
+    user_ids = render_and_tokenize(load_tokenizer(), text)[PREFIX_TOKENS:-22]
+    assert not [i for i in user_ids if i >= 199998]
+
+
+def test_lone_surrogates_and_undecodable_bytes_are_replaced():
+    from lens_core.text.prompt import strip_control_markers
+
+    assert strip_control_markers("a\ud800b") == "a\ufffdb"
+    assert strip_control_markers(b"caf\xe9".decode("utf-8", "surrogateescape")) == "caf\ufffd"
+    assert render_and_tokenize(load_tokenizer(), "a\ud800b")
 
 
 @pytest.fixture(scope="module")

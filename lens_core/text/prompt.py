@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import LensFileError, LensInputError
 from .tokenizer import PAD_ID, LensTokenizer
+
+FIRST_CONTROL_ID = 199998  # o200k_harmony's special tokens are 199998 and up; ordinary text never maps there
 
 log = logging.getLogger("lens_core")
 
@@ -25,7 +26,6 @@ PREFIX_TOKENS = 97
 SUFFIX_TOKENS = 22  # the template after the prompt, from `<|end|>` on
 SELECTED_LAYERS = (5, 11, 17, 23)
 FEATURES_VERSION = 2  # part of every prompt-cache key: raise it when a change here alters the features
-_CONTROL_MARKER = re.compile(r"<\|[^|<>]*\|>")
 
 TEMPLATE = (
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -54,8 +54,20 @@ def template_date(date: str | None) -> str:
 
 
 def strip_control_markers(prompt: str) -> str:
-    """Remove Harmony markers such as `<|end|>` that would otherwise become control tokens."""
-    return _CONTROL_MARKER.sub("", prompt)
+    """Remove Harmony markers such as `<|end|>` that would otherwise become control tokens, including those that
+    removing others would form (`<|<|end|>end|>`): each marker is removed as soon as its closing `|>` arrives, so
+    the text kept never holds one. Lone surrogates (e.g. a non-UTF-8 byte in a command-line argument) become U+FFFD.
+    """
+    kept: list[str] = []
+    for char in prompt:
+        kept.append("\ufffd" if "\ud800" <= char <= "\udfff" else char)
+        if char == ">" and len(kept) >= 2 and kept[-2] == "|":
+            i = len(kept) - 3
+            while i >= 0 and kept[i] not in "|<>":
+                i -= 1
+            if i >= 1 and kept[i] == "|" and kept[i - 1] == "<":
+                del kept[i - 1:]
+    return "".join(kept)
 
 
 def render_prompt(prompt: str, date: str | None = FROZEN_DATE) -> str:
@@ -65,6 +77,10 @@ def render_prompt(prompt: str, date: str | None = FROZEN_DATE) -> str:
 def render_and_tokenize(tokenizer: LensTokenizer, prompt: str, date: str | None = FROZEN_DATE) -> list[int]:
     """All ids of the rendered template, before the 512 cap and before the 97-token drop."""
     ids = tokenizer.encode(render_prompt(prompt, date))
+    template_ids = tokenizer.encode(TEMPLATE.format(date=template_date(date), prompt=""))
+    if sum(i >= FIRST_CONTROL_ID for i in ids) != sum(i >= FIRST_CONTROL_ID for i in template_ids):
+        raise LensInputError(f"the prompt {prompt[:60]!r}... still produces Harmony control tokens after its markers "
+                             "were removed; rephrase the <|...|> parts of it.")
     prefix = tokenizer.encode(TEMPLATE.split("{prompt}")[0].format(date=template_date(date)))
     if len(prefix) != PREFIX_TOKENS or ids[:PREFIX_TOKENS] != prefix:
         raise LensFileError(
