@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LensFileError, some
+from .errors import LensFileError, all_finite, some
 from .identify import describe
 
 _DTYPES = {
@@ -177,7 +177,8 @@ class SafetensorsFile:
         return digest.hexdigest()
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time)."""
+        """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time). Floating tensors are
+        checked for NaN / infinity here, once, where the file can still be named (8-bit ones hold packed data)."""
         info = self.tensors[name]
         raw = torch.empty(info.end - info.start, dtype=torch.uint8)
         with open(self.path, "rb") as f:
@@ -186,6 +187,9 @@ class SafetensorsFile:
         if got != raw.numel():
             raise LensFileError(f"{self.path}: could not read tensor {name!r} (file truncated?). Download the file again.")
         tensor = raw.view(info.dtype).reshape(info.shape)
+        if info.dtype.itemsize > 1 and not all_finite(tensor):
+            raise LensFileError(f"{self.path}: tensor {_short(name)} holds NaN or infinite values, which would make every "
+                                "image black. The file is damaged: download it again.")
         if dtype is not None and dtype != tensor.dtype:
             tensor = tensor.to(dtype)
         return tensor

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .dit.layout import latent_to_tokens, tokens_to_latent
-from .errors import LensInputError
+from .errors import LensInputError, require_finite
 
 # The FLUX.2 empirical shift rule: mu as a function of image tokens L and steps N.
 _A1, _B1 = 8.73809524e-05, 1.89833333
@@ -83,13 +83,20 @@ def make_noise(seed: int, shape: tuple[int, int, int, int], convention: str = "r
     batch_index[i]-th draw, so a native graph with the same seed starts from the same noise.
     """
     batch, channels, h, w = shape
+    if batch < 1:
+        raise LensInputError(f"the latent's batch size is {batch}; it must be at least 1.")
     seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds run up to 2**64 - 1
     if convention == "comfy":
         generator = torch.Generator("cpu").manual_seed(seed)
         if batch_index is None:
             return torch.randn(shape, generator=generator)
-        draws = [torch.randn(1, channels, h, w, generator=generator) for _ in range(max(batch_index) + 1)]
-        return torch.cat([draws[i] for i in batch_index])
+        _check_batch_index(batch_index, batch)
+        wanted, kept = set(batch_index), {}
+        for i in range(max(batch_index) + 1):  # every draw is made (same noise as ComfyUI), only the used ones kept
+            draw = torch.randn(1, channels, h, w, generator=generator)
+            if i in wanted:
+                kept[i] = draw
+        return torch.cat([kept[i] for i in batch_index])
     if convention != "reference":
         raise LensInputError(f"unknown noise convention {convention!r}; use 'reference' or 'comfy'.")
     images = []
@@ -97,6 +104,15 @@ def make_noise(seed: int, shape: tuple[int, int, int, int], convention: str = "r
         generator = torch.Generator("cpu").manual_seed((seed + i) & 0xFFFF_FFFF_FFFF_FFFF)
         images.append(tokens_to_latent(torch.randn(1, h * w, channels, generator=generator), (h, w)))
     return torch.cat(images)
+
+
+def _check_batch_index(batch_index, batch: int) -> None:
+    """A LATENT's batch_index: one whole number >= 0 per image of the batch."""
+    if (not isinstance(batch_index, (list, tuple)) or len(batch_index) != batch
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in batch_index)):
+        raise LensInputError(f"the latent's batch_index {str(batch_index)[:80]} does not fit its batch of {batch}: it needs "
+                             f"{batch} whole numbers >= 0 (which noise draw each image takes). Rebuild the latent with "
+                             "Lens Empty Latent, or fix the node that set batch_index.")
 
 
 def _pad_text(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +183,6 @@ def sample(
     steps: int,
     cfg: float,
     *,
-    sigmas: torch.Tensor | None = None,
     denoise: float = 1.0,
     init_latent: torch.Tensor | None = None,
     shift: float | None = None,
@@ -196,12 +211,16 @@ def sample(
     use_cfg = cfg != 1.0
     if use_cfg and uncond is None:
         raise LensInputError("cfg != 1 needs a negative (unconditional) conditioning; pass an empty negative prompt for none.")
-    if sigmas is None:
-        full_steps = steps if denoise >= 1.0 else max(1, round(steps / max(denoise, 1e-6)))
-        sigmas = schedule_sigmas(full_steps, h * 16, w * 16, shift)[-(steps + 1):] if denoise > 0 else torch.zeros(1)
-    check_text_features(dit, cond[0], "positive")
-    if use_cfg:
-        check_text_features(dit, uncond[0], "negative")
+    sigmas = _img2img_sigmas(steps, denoise, h, w, shift)
+    for which, text in (("positive", cond), ("negative", uncond if use_cfg else None)):
+        if text is not None:
+            check_text_features(dit, text[0], which)
+            require_finite(text[0], f"the {which} conditioning", "Encode the prompt again; if it still happens, the "
+                                                                 "text encoder's weights or a node between it and the "
+                                                                 "sampler are at fault.")
+    if init_latent is not None and denoise < 1.0:
+        require_finite(init_latent, "the input latent", "Re-encode the image (its pixels may hold NaN) or check the "
+                                                        "node that made the latent.")
     padding_is_inert = getattr(dit, "text_mask", None) == "every_block"
     cond = _expand_batch(*cond, batch)
     if padding_is_inert:
@@ -237,7 +256,24 @@ def sample(
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         if callback is not None:
             callback(i + 1, total, tokens_to_latent(x0, (h, w)))
+    require_finite(x, "the sampled latent", "The weights were checked when loaded, so the compute went wrong: try "
+                                            "weight_dtype fp32 or bf16, or remove nodes that patch the model.")
     return tokens_to_latent(x, (h, w))
+
+
+MAX_SCHEDULE_STEPS = 100_000
+
+
+def _img2img_sigmas(steps: int, denoise: float, h: int, w: int, shift: float | None) -> torch.Tensor:
+    """The last `steps` + 1 sigmas of the schedule a full run of steps / denoise steps would take (all of them at
+    denoise 1; none to take at denoise 0)."""
+    if denoise <= 0:
+        return torch.zeros(1)
+    full_steps = steps if denoise >= 1.0 else max(1, round(steps / denoise))
+    if full_steps > MAX_SCHEDULE_STEPS:
+        raise LensInputError(f"denoise {denoise:g} with {steps} steps means a {full_steps:,}-step schedule; use denoise "
+                             f">= {steps / MAX_SCHEDULE_STEPS:g} (or fewer steps).")
+    return schedule_sigmas(full_steps, h * 16, w * 16, shift)[-(steps + 1):]
 
 
 def _velocity(dit, x, sigma, cond, uncond, cfg, grid, batched_text) -> torch.Tensor:

@@ -38,6 +38,7 @@ def from_conditioning(conditioning: list, layers: int, which: str = "positive") 
         raise ValueError(f"the {which} conditioning has {len(conditioning)} entries (from Conditioning Combine or a similar node); "
                          "the Lens samplers take one. Encode the prompts together in one Lens Text Encode instead.")
     tensor, extras = conditioning[0]
+    extras = extras or {}  # some nodes write None for "no extras"
     if tensor.ndim != 3 or tensor.shape[-1] % layers:
         raise ValueError(f"the {which} conditioning has shape {list(tensor.shape)}; Lens needs GPT-OSS features [B, S, {layers}x2880] "
                          "from Lens Text Encode (a CLIP/T5/Qwen conditioning will not work).")

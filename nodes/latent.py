@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..lens_core.presets import ASPECTS, LIMITS, bucket_size, size_warnings, snap_to_16
+from ..lens_core.presets import ASPECTS, LIMITS, bucket_size, check_in_range, size_warnings, snap_to_16
 from .comfy_bridge import intermediate_device
 from .loader import CATEGORY
 
@@ -32,6 +32,8 @@ class LensEmptyLatent:
         }}
 
     def generate(self, base_resolution, aspect, width, height, batch_size):
+        for name, value in (("width", width), ("height", height), ("batch", batch_size)):
+            check_in_range(name, value)  # the widgets keep to these; a direct call or an edited workflow may not
         if aspect == "custom":
             snapped = snap_to_16(width), snap_to_16(height)
             if snapped != (width, height):

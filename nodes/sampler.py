@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..lens_core import sample
+from ..lens_core.errors import require_finite
 from ..lens_core.presets import LIMITS, check_variant_settings
 from ..lens_core.sampling import check_text_features, make_noise
 from ..lens_core.vae.latent import latent_preview
@@ -34,6 +35,8 @@ def check_latent(latent: dict) -> torch.Tensor:
     if samples.ndim != 4 or samples.shape[1] != LENS_CHANNELS:
         raise ValueError(f"this latent has {samples.shape[1] if samples.ndim == 4 else '?'} channels; Lens latents have 128. "
                          "Use Lens Empty Latent or Lens VAE Encode (SD/SDXL/FLUX latents cannot be used).")
+    require_finite(samples, "the LATENT input", "Check the node that made it (a NaN image into VAE Encode, or a sampler "
+                                                "that failed).")
     return samples
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..lens_core.errors import require_finite
 from .loader import CATEGORY
 from .comfy_bridge import intermediate_device
 from .sampler import check_latent
@@ -45,6 +46,7 @@ class LensVAEEncode:
         }}
 
     def encode(self, vae, pixels):
+        require_finite(pixels, "the IMAGE input of Lens VAE Encode", "Check the node that made the image.")
         image = pixels[..., :3].permute(0, 3, 1, 2) * 2.0 - 1.0
         with vae.use() as lens_vae:
             latent = lens_vae.encode(image)

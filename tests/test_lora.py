@@ -197,7 +197,7 @@ def test_non_finite_lora_values_and_strength_are_refused(tmp_path, alpha):
     state = random_dit_state()
     dit = load_dit(write_single(state, tmp_path / "d.safetensors"), device="cpu")
     path = write_kohya(deltas(state, 0, alpha=alpha), tmp_path / "nan.safetensors")
-    with pytest.raises(LensFileError, match="nan.safetensors: layer .* holds NaN or infinite values"):
+    with pytest.raises(LensFileError, match="nan.safetensors: tensor .*alpha.* holds NaN or infinite values"):
         load_lora(path, dit)
     good = write_kohya(deltas(state, 0, alpha=4), tmp_path / "ok.safetensors")
     with pytest.raises(LensInputError, match="LoRA strength nan is not a finite number"):

@@ -202,6 +202,30 @@ def test_bad_inputs_give_messages(models_dir, caplog):
     assert "snapped to 1008x3008" in caplog.text and "outside the trained" in caplog.text
 
 
+def test_non_finite_and_odd_inputs_give_messages(models_dir):
+    LensInputError = __import__(pack.__name__ + ".lens_core", fromlist=["x"]).LensInputError  # the pack's own copy
+
+    model, te, vae = NODES["LensPackModelLoader"]().load("lens_turbo_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors",
+                                                         "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive, _ = NODES["LensPackTextEncode"]().encode(te, "x", "")
+    turbo = NODES["LensPackTurboSampler"]()
+    with pytest.raises(LensInputError, match="the LATENT input holds NaN"):
+        turbo.run(model, positive, {"samples": torch.full((1, 128, 2, 2), float("nan"))}, 0, 1)
+    with pytest.raises(LensInputError, match="the IMAGE input of Lens VAE Encode holds NaN"):
+        NODES["LensPackVAEEncode"]().encode(vae, torch.full((1, 32, 32, 3), float("nan")))
+    nan_cond = [[positive[0][0].clone().fill_(float("inf")), positive[0][1]]]
+    with pytest.raises(LensInputError, match="the positive conditioning holds NaN"):
+        turbo.run(model, nan_cond, {"samples": torch.zeros(1, 128, 2, 2)}, 0, 1)
+    no_extras = [[positive[0][0], None]]
+    assert turbo.run(model, no_extras, {"samples": torch.zeros(1, 128, 2, 2)}, 0, 1)[0]["samples"].shape == (1, 128, 2, 2)
+    empty = NODES["LensPackEmptyLatent"]()
+    with pytest.raises(LensInputError, match="width must be between 16 and 4096, got 1000000"):
+        empty.generate(1024, "custom", 1_000_000, 1024, 1)
+    for batch in (0, -1):
+        with pytest.raises(LensInputError, match="batch must be between 1 and 64"):
+            empty.generate(1024, "1:1", 1024, 1024, batch)
+
+
 def test_progress_is_reported_every_step(models_dir, monkeypatch):
     bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
     sampler_module = __import__(pack.__name__ + ".nodes.sampler", fromlist=["x"])

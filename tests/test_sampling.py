@@ -184,3 +184,71 @@ def test_separate_cfg_passes_drop_padding_only_where_it_changes_nothing(golden, 
     else:
         assert [length for length, _ in calls] == [9, 9] * 2 and all(mask is not None for _, mask in calls)
     assert (separate - batched).abs().max() <= 1e-4 * batched.abs().max()  # float rounding only (CFG 5 scales it by 9)
+
+
+def test_non_finite_inputs_and_outputs_are_named(sampling_case, tmp_path):
+    case, dit = sampling_case
+    noise = tokens_to_latent(case["noise"], (4, 6))
+    cond = (case["pos"], case["pos_mask"].bool())
+    bad_text = (case["pos"].clone().index_fill_(1, torch.tensor([0]), float("nan")), cond[1])
+    with pytest.raises(LensInputError, match="the positive conditioning holds NaN"):
+        sample(dit, noise, bad_text, None, steps=2, cfg=1.0)
+    with pytest.raises(LensInputError, match="the negative conditioning holds NaN"):
+        sample(dit, noise, cond, bad_text, steps=2, cfg=5.0)
+    with pytest.raises(LensInputError, match="the input latent holds NaN"):
+        sample(dit, noise, cond, None, steps=2, cfg=1.0, denoise=0.5, init_latent=torch.full_like(noise, float("inf")))
+    weight = dit.proj_out.weight
+    dit.proj_out._parameters["weight"] = torch.nn.Parameter(weight.clone().fill_(float("nan")), requires_grad=False)
+    try:
+        with pytest.raises(LensInputError, match="the sampled latent holds NaN.*try weight_dtype"):
+            sample(dit, noise, cond, None, steps=2, cfg=1.0)
+    finally:
+        dit.proj_out._parameters["weight"] = weight
+
+
+def test_a_nan_weight_in_the_file_is_named_at_load(golden, tmp_path):
+    from safetensors.torch import save_file
+
+    from lens_core import LensFileError
+
+    state = load_file(str(golden / "dit_tiny.safetensors"))
+    state["proj_out.weight"] = state["proj_out.weight"].clone().index_fill_(0, torch.tensor([1]), float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(LensFileError, match=r"nan.safetensors: tensor 'proj_out.weight' holds NaN"):
+        load_dit(tmp_path / "nan.safetensors", device="cpu")
+
+
+def test_a_tiny_denoise_does_not_build_a_huge_schedule(sampling_case):
+    case, dit = sampling_case
+    noise = tokens_to_latent(case["noise"], (4, 6))
+    cond = (case["pos"], case["pos_mask"].bool())
+    with pytest.raises(LensInputError, match=r"denoise 1e-06 with 200 steps means a 200,000,000-step schedule"):
+        sample(dit, noise, cond, None, steps=200, cfg=1.0, denoise=1e-6, init_latent=noise)
+    tiny = sample(dit, noise, cond, None, steps=2, cfg=1.0, denoise=1e-4, init_latent=noise)  # 20,000 steps: allowed
+    assert (tiny - noise).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("batch_index,match", [
+    ([0], "does not fit its batch of 2"),
+    ([0, -1], "whole numbers >= 0"),
+    ([0, 1.5], "whole numbers >= 0"),
+    ([0, True], "whole numbers >= 0"),
+    ("01", "whole numbers >= 0"),
+])
+def test_bad_batch_index(batch_index, match):
+    with pytest.raises(LensInputError, match=match):
+        make_noise(7, (2, 128, 4, 6), convention="comfy", batch_index=batch_index)
+
+
+@pytest.mark.parametrize("batch", [0, -1])
+def test_an_empty_batch_is_refused(batch):
+    for convention in ("reference", "comfy"):
+        with pytest.raises(LensInputError, match=f"batch size is {batch}; it must be at least 1"):
+            make_noise(7, (batch, 128, 4, 6), convention=convention)
+
+
+def test_a_far_batch_index_keeps_only_the_draws_used():
+    picked = make_noise(7, (1, 128, 4, 6), convention="comfy", batch_index=[40])
+    generator = torch.Generator().manual_seed(7)
+    draws = [torch.randn(1, 128, 4, 6, generator=generator) for _ in range(41)]
+    assert torch.equal(picked, draws[40])

@@ -150,9 +150,6 @@ def _layer(file_name: str, name: str, tensors: dict[str, torch.Tensor], target: 
             f"maps {target.in_features} -> {target.out_features} features (down must be [rank, {target.in_features}], "
             f"up [{target.out_features}, rank]). Is this LoRA for another model size?"
         )
-    if not all(torch.isfinite(tensor).all() for tensor in tensors.values()):
-        raise LensFileError(f"{file_name}: layer {name} holds NaN or infinite values, which would turn every image "
-                            "black. The file is damaged (or its training diverged): download it again or use another.")
     scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
     return LoRALayer(down.float(), up.float(), scale)
 
