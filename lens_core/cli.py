@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from .device import describe
+from . import __version__
+from .device import describe, parse_device
 from .errors import LensError, LensInputError
 from .presets import ASPECTS, VARIANTS, bucket_size, check_in_range, guess_variant
 from .sampling import check_size
@@ -28,16 +30,26 @@ def _progress(step: int, total: int, _x0) -> None:
 
 
 def _save(images, out: Path, settings: dict) -> list[Path]:
+    """Write the PNGs, each to a temporary file renamed into place: an interrupted or failed write never leaves a
+    truncated image under the final name."""
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i:02d}{out.suffix}")
+        seed = (settings["seed"] + i) & 0xFFFF_FFFF_FFFF_FFFF  # as the noise of image i is seeded
         info = PngInfo()
-        info.add_text("lens", json.dumps(dict(settings, seed=settings["seed"] + i)))
+        info.add_text("lens", json.dumps(dict(settings, seed=seed)))
         info.add_text("parameters", f"{settings['prompt']}\nNegative prompt: {settings.get('negative', '')}\n"
-                                    f"Steps: {settings['steps']}, CFG scale: {settings['cfg']}, Seed: {settings['seed'] + i}, "
+                                    f"Steps: {settings['steps']}, CFG scale: {settings['cfg']}, Seed: {seed}, "
                                     f"Size: {settings['width']}x{settings['height']}, Model: {settings['model']}")
-        image.save(path, pnginfo=info)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         paths.append(path)
     return paths
 
@@ -94,15 +106,29 @@ def validate(args) -> tuple[int, int]:
         _check_model_path(args.text_encoder, "--text-encoder", "gpt_oss_20b_nvfp4.safetensors or a text_encoder/ folder")
         _check_model_path(args.vae, "--vae", "flux2-vae.safetensors, ae.safetensors or a vae/ folder")
         template_date(args.date)
+        if args.device is not None:
+            parse_device(args.device)
+        _identify_files(args)
     return size
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default="a lighthouse on a cliff at sunset, oil painting")
+def _identify_files(args) -> None:
+    """Each file is the model its flag asks for, read from the headers before any weights load (8 + 13 GB)."""
+    from .dit.loader import check_file as check_dit
+    from .text.loader import check_file as check_text_encoder
+    from .vae.loader import check_file as check_vae
+
+    for check, path in ((check_dit, args.dit), (check_text_encoder, args.text_encoder), (check_vae, args.vae)):
+        check(path)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, steps_default: str, cfg_default: str) -> None:
+    p.add_argument("--prompt", default="a lighthouse on a cliff at sunset, oil painting",
+                   help="what to draw (default: %(default)r)")
     p.add_argument("--negative", default="", help="negative prompt (ignored at cfg 1)")
     p.add_argument("--seed", type=_int_arg, default=0, help="0 .. 2^64-1; image i of a batch uses seed + i")
-    p.add_argument("--steps", type=_int_arg, help="default: the variant's (Base 50, Lens 20, Turbo 4)")
-    p.add_argument("--cfg", type=float, help="default: the variant's (5.0, or 1.0 for Turbo)")
+    p.add_argument("--steps", type=_int_arg, help=f"default: {steps_default}")
+    p.add_argument("--cfg", type=float, help=f"default: {cfg_default}")
     p.add_argument("--aspect", choices=ASPECTS, help="trained bucket (width:height), default 1:1")
     p.add_argument("--base", type=int, choices=(1024, 1440), help="bucket base resolution, default 1024")
     p.add_argument("--width", type=_int_arg, help="custom width (multiple of 16); overrides --aspect")
@@ -111,32 +137,38 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output PNG path")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lens_core", description="Microsoft Lens text-to-image, offline.")
+def build_parser(prog: str = "lens") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Microsoft Lens text-to-image, offline.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate images with real Lens weights")
     gen.add_argument("--dit", required=True, type=Path, help="denoiser: lens_bf16.safetensors, *_mxfp8, or transformer/ folder")
     gen.add_argument("--text-encoder", required=True, type=Path, help="gpt_oss_20b_nvfp4.safetensors or text_encoder/ folder")
     gen.add_argument("--vae", required=True, type=Path, help="flux2-vae.safetensors, ae.safetensors or vae/ folder")
     gen.add_argument("--variant", choices=("auto", *VARIANTS), default="auto", help="auto: from the DiT file name")
-    gen.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    gen.add_argument("--device", help="cuda, cuda:1, xpu, mps or cpu (default: the best one available)")
     gen.add_argument("--date", default="frozen", help="template date: frozen (2026-05-23, default), today, or YYYY-MM-DD")
-    _add_sampling_args(gen)
-    demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (no weights needed); "
-                                        f"{DEMO_SIZE[1]}x{DEMO_SIZE[0]} unless --aspect, --base or --width/--height say otherwise")
-    _add_sampling_args(demo)
+    _add_sampling_args(gen, "the variant's (Base 50, Lens 20, Turbo 4)", "the variant's (5.0, or 1.0 for Turbo)")
+    demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (no weights needed; the image is "
+                                        f"a coloured pattern, not a picture); {DEMO_SIZE[1]}x{DEMO_SIZE[0]} unless "
+                                        "--aspect, --base or --width/--height say otherwise")
+    _add_sampling_args(demo, "4", "5.0")
     demo.set_defaults(steps=4, cfg=5.0)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "lens") -> int:
+    """Exit codes: 0 done, 1 the image could not be written, 2 a bad input or file, 130 interrupted (Ctrl-C)."""
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _run(args)
     except LensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -172,6 +204,11 @@ def _run(args) -> int:
                   batch=args.batch, callback=_progress)
     settings = dict(prompt=args.prompt, negative=args.negative, steps=steps, cfg=cfg, seed=args.seed, width=width,
                     height=height, model=model_name, date=getattr(args, "date", "frozen"))
-    for path in _save(images, args.out, settings):
+    try:
+        paths = _save(images, args.out, settings)
+    except OSError as e:
+        print(f"error: could not write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    for path in paths:
         print(f"wrote {path} ({time.time() - started:.1f}s)", file=sys.stderr)
     return 0

@@ -71,6 +71,19 @@ def bf16_support(device: torch.device) -> tuple[bool, str]:
     return False, "CPUs compute fp32 fastest and most exactly"
 
 
+def parse_device(device) -> torch.device:
+    """A device name or object as a torch.device this PyTorch can use, else a LensInputError saying why."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LensInputError(f"device {str(device)[:40]!r} is not a device name; use cuda, cuda:1, xpu, mps or cpu.") from None
+    available = {"cuda": torch.cuda.is_available, "xpu": _xpu_available, "mps": _mps_available}.get(device.type)
+    if available is not None and not available():
+        raise LensInputError(f"device {device} is not available in this PyTorch ({torch.__version__}): a CPU-only build, "
+                             "or no driver / GPU found. Install a PyTorch build for your GPU, or use cpu.")
+    return device
+
+
 def resolve_compute(device, dtype, what: str) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) with defaults filled in and checked.
 
@@ -78,7 +91,7 @@ def resolve_compute(device, dtype, what: str) -> tuple[torch.device, torch.dtype
     elsewhere (CPUs, NVIDIA GPUs before Ampere). fp16 is refused (Lens overflows in it), and so is bf16
     on a device that cannot run it; the message names the dtype to use instead.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype)
     if dtype == torch.float16:
         raise LensInputError(

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from .errors import LensInputError
-from .sampling import check_size
+from .sampling import check_size, snap_to_16  # noqa: F401 (snap_to_16: part of this module's API)
 
 log = logging.getLogger("lens_core")
 
@@ -95,7 +95,3 @@ def size_warnings(height: int, width: int) -> list[str]:
     for text in warnings:
         log.warning("Lens: %s", text)
     return warnings
-
-
-def snap_to_16(value: int) -> int:
-    return max(16, int(value / 16 + 0.5) * 16)

@@ -29,11 +29,15 @@ def empirical_mu(image_tokens: int, steps: int) -> float:
     return a * steps + b
 
 
+def snap_to_16(value: int) -> int:
+    return max(16, int(value / 16 + 0.5) * 16)
+
+
 def check_size(height: int, width: int) -> None:
     if height <= 0 or width <= 0 or height % 16 or width % 16:
         raise LensInputError(
             f"image size {width}x{height} (width x height) is not usable: both sides must be positive multiples of 16 "
-            f"(e.g. {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})."
+            f"(e.g. {snap_to_16(width)}x{snap_to_16(height)})."
         )
 
 

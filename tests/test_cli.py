@@ -43,7 +43,7 @@ BAD_INPUTS = [
     (["--cfg", "-1"], "cfg must be between 0.0 and 20.0, got -1.0."),
     (["--width", "0", "--height", "0"], "width must be between 16 and 4096, got 0."),
     (["--width", "1024"], "give both --width and --height, or --aspect."),
-    (["--width", "1000", "--height", "1024"], "both sides must be positive multiples of 16 (e.g. 992x1024)"),
+    (["--width", "1000", "--height", "1024"], "both sides must be positive multiples of 16 (e.g. 1008x1024)"),
     (["--width", "1024", "--height", "8192"], "height must be between 16 and 4096, got 8192."),
     (["--seed", "99999999999999999999"], "seed must be between 0 and 18446744073709551615, got 99999999999999999999."),
     (["--seed", "-1"], "seed must be between 0 and 18446744073709551615, got -1."),
@@ -89,3 +89,96 @@ def test_demo_honours_aspect_and_base(tmp_path):
     assert main(["demo", "--out", str(out), "--steps", "1"]) == 0
     assert Image.open(out).size == (256, 256)
     assert json.loads(Image.open(out).text["lens"])["steps"] == 1
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "'gpu' is not a device name"), ("cuda", "device cuda is not available")])
+def test_an_unusable_device_is_refused_before_loading(model_paths, no_loading, capsys, monkeypatch, device, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(generate_args(model_paths, "--device", device)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not no_loading
+
+
+def test_a_wrong_file_in_a_later_slot_is_found_before_anything_loads(tmp_path, no_loading, capsys):
+    from safetensors.torch import save_file
+
+    from lens_core.demo import demo_vae
+    from model_files import random_dit_state, write_single
+    from te_files import hf_reference, write_comfy_nvfp4
+
+    write_single(random_dit_state(), tmp_path / "dit.safetensors")
+    write_comfy_nvfp4(hf_reference()[0], tmp_path / "te.safetensors")
+    save_file({k: v.contiguous() for k, v in demo_vae().model.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    args = generate_args(tmp_path)
+    args[args.index("--vae") + 1] = str(tmp_path / "dit.safetensors")  # the denoiser in the VAE slot
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "dit.safetensors: this looks like a Lens denoiser (DiT), not the Lens VAE" in err and not no_loading
+
+
+def test_batch_seeds_wrap_like_the_noise_and_the_png_is_written_whole(tmp_path):
+    out = tmp_path / "d.png"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--batch", "2", "--seed", str(2**64 - 1),
+                 "--width", "64", "--height", "64"]) == 0
+    seeds = [json.loads(Image.open(tmp_path / f"d_{i:02d}.png").text["lens"])["seed"] for i in range(2)]
+    assert seeds == [2**64 - 1, 0]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_write_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    from PIL import Image as PilImage
+
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PilImage.Image, "save", full_disk)
+    out = tmp_path / "d.png"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--width", "64", "--height", "64"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: could not write {out}: No space left on device" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    import lens_core.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lens_core.cli, "_save", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "d.png"), "--steps", "1", "--width", "64", "--height", "64"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing was written" in err and "Traceback" not in err
+
+
+def test_help_names_the_program_and_the_demo_defaults(capsys):
+    import subprocess
+    import sys
+
+    for argv, prog in ((["--help"], "lens"), (["demo", "--help"], "lens demo")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"usage: {prog}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo_help = capsys.readouterr().out
+    assert "default: 4" in demo_help and "Base 50" not in demo_help and "what to draw" in demo_help
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lens {lens_core.__version__}"
+    from pack import ROOT
+
+    module_help = subprocess.run([sys.executable, "-m", "lens_core", "--help"], capture_output=True, text=True,
+                                 cwd=ROOT).stdout
+    assert module_help.startswith("usage: python -m lens_core")
+
+
+def test_the_library_version_is_the_package_version():
+    from pack import ROOT
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML")
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == lens_core.__version__

@@ -130,6 +130,7 @@ def test_dtype_defaults_follow_the_device(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="lens_core"):
         assert resolve_compute("cpu", None, "the test model") == (torch.device("cpu"), torch.float32)
     assert "the test model on cpu in float32 (auto: CPUs compute fp32" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.version, "hip", None)
@@ -141,6 +142,14 @@ def test_dtype_defaults_follow_the_device(monkeypatch, caplog):
     assert resolve_compute("cuda", None, "the test model") == (torch.device("cuda"), torch.bfloat16)
     with pytest.raises(LensInputError, match="overflows in fp16"):
         resolve_compute("cuda", "fp16", "the test model")
+
+
+@pytest.mark.parametrize("name,message", [("gpu", "'gpu' is not a device name"), ("cuda", "not available in this PyTorch"),
+                                          ("cuda:1", "not available in this PyTorch")])
+def test_an_unusable_device_is_named(monkeypatch, name, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LensInputError, match=message):
+        resolve_compute(name, None, "the test model")
 
 
 def test_streamed_experts_stay_in_cpu_memory_and_decode_where_asked():

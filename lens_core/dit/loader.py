@@ -44,6 +44,11 @@ def _key_prefix(ckpt: Checkpoint) -> str:
     )
 
 
+def check_file(path: str | os.PathLike) -> None:
+    """Raise LensFileError unless `path` holds a Lens denoiser, from the file headers alone (no weights read)."""
+    _key_prefix(open_component(path, "transformer", "diffusion_pytorch_model"))
+
+
 _CONFIG_KEYS = ("img_in.weight", "transformer_blocks.0.attn.norm_q.weight", "transformer_blocks.0.img_mlp.w1.weight",
                 "txt_norm.0.weight", "proj_out.weight", "time_text_embed.timestep_embedder.linear_1.weight")
 

@@ -33,6 +33,11 @@ def _prefix(ckpt: Checkpoint) -> str:
     raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not GPT-OSS.{placement_hint(looks_like)} Expected {_EXPECTED}.")
 
 
+def check_file(path: str | os.PathLike) -> None:
+    """Raise LensFileError unless `path` holds GPT-OSS, from the file headers alone (no weights read)."""
+    _prefix(open_component(path, "text_encoder", "model"))
+
+
 _CONFIG_KEYS = ("embed_tokens.weight", "layers.0.self_attn.sinks", "layers.0.self_attn.q_proj.weight",
                 "layers.0.self_attn.k_proj.weight", "layers.0.mlp.router.weight")
 

@@ -82,6 +82,12 @@ def _check_is_flux2_vae(names: dict[str, str], ckpt: Checkpoint) -> None:
     raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not the Lens VAE.{hint} Expected {_EXPECTED}.")
 
 
+def check_file(path: str | os.PathLike) -> None:
+    """Raise LensFileError unless `path` holds the FLUX.2 VAE, from the file headers alone (no weights read)."""
+    ckpt = open_component(path, "vae", "diffusion_pytorch_model")
+    _check_is_flux2_vae(_ldm_names(ckpt), ckpt)
+
+
 def load_vae(path: str | os.PathLike, device=None, dtype=None) -> LensVAE:
     """Load the FLUX.2 VAE from any of its published layouts into a `LensVAE`.
 
