@@ -133,3 +133,20 @@ def test_readme_python_snippet_runs_as_written(model_files, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(1, 3, 1024, 1024) True True"
     assert Image.open(tmp_path / "lighthouse.png").size == (1024, 1024)
+
+
+@pytest.mark.parametrize("cache_state", ["corrupt", "unwritable"])
+def test_a_broken_prompt_cache_still_gives_the_image(tmp_path, cache_state):
+    from lens_core import PromptCache
+
+    models = demo_models()
+    reference = LensPipeline(*models)("a red fox", steps=1, seed=3, height=64, width=64)
+    folder = tmp_path / "cache"
+    if cache_state == "corrupt":
+        LensPipeline(*models, prompt_cache=PromptCache(folder))("a red fox", steps=1, seed=3, height=64, width=64)
+        for entry in folder.glob("*.safetensors"):
+            entry.write_bytes(b"\0" * 5)
+    else:
+        folder.write_text("a file where the cache folder should be")
+    images = LensPipeline(*models, prompt_cache=PromptCache(folder))("a red fox", steps=1, seed=3, height=64, width=64)
+    assert [i.tobytes() for i in images] == [i.tobytes() for i in reference]
