@@ -1,7 +1,8 @@
 """Denoiser benchmark: per-forward time, TFLOP/s, share of the GPU's bf16 peak and peak memory; load-time peak RSS.
 
     python bench/bench_dit.py                      # CUDA: real size at 1024^2; CPU: 4 blocks at 512^2
-    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda --batch 2 --mode compiled   # eager / compiled / compiled_cudagraphs / fp8 / fp8_fast
+    python bench/bench_dit.py --blocks 48 --size 1024 --device cuda --batch 2 --mode compiled
+    (modes: eager / compiled / compiled_cudagraphs / fp8 / fp8_fast)
     python bench/bench_dit.py --load-test /tmp/lens_bench   # writes a 4.1B-parameter bf16 file once, loads it in a child
     python bench/bench_dit.py --load-test /tmp/lens_bench --load-format fp32-shards   # Microsoft's 2 fp32 shards -> bf16
 """

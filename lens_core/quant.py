@@ -23,11 +23,6 @@ log = logging.getLogger("lens_core")
 MXFP8_FORMAT = "mxfp8"
 
 
-def comfy_quant_tensor(fmt: str) -> torch.Tensor:
-    """The `{name}.comfy_quant` marker tensor: the JSON `{"format": fmt}` as uint8 bytes."""
-    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
-
-
 def read_comfy_quant(marker: torch.Tensor, where: str) -> str:
     """The quantisation format a `.comfy_quant` marker names ("?" when it names none)."""
     try:
@@ -38,12 +33,6 @@ def read_comfy_quant(marker: torch.Tensor, where: str) -> str:
         raise LensFileError(f"{where}: this quantisation marker is not a JSON object. The file is damaged: "
                             "download it again.")
     return str(declared.get("format", "?"))[:40]
-
-
-def quantize_linear_mxfp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three tensors an mxfp8 file stores for one Linear weight [out, in] (scales as uint8)."""
-    qweight, scales = comfy_kitchen.quantize_mxfp8(weight.float().contiguous())
-    return {"weight": qweight, "weight_scale": scales.view(torch.uint8), "comfy_quant": comfy_quant_tensor(MXFP8_FORMAT)}
 
 
 def _has_mxfp8_tensor_cores(device: torch.device) -> bool:

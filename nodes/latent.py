@@ -26,9 +26,12 @@ class LensEmptyLatent:
         return {"required": {
             "base_resolution": ([1024, 1440], {"default": 1024, "tooltip": "Bucket family: ~1 MP (1024) or ~2 MP (1440)."}),
             "aspect": (list(ASPECTS) + ["custom"], {"default": "1:1", "tooltip": "Width:height of a trained bucket, or custom to use width/height."}),
-            "width": ("INT", {"default": 1024, "min": LIMITS["width"][0], "max": LIMITS["width"][1], "step": 16, "tooltip": "Custom width (multiple of 16; other values are snapped)."}),
-            "height": ("INT", {"default": 1024, "min": LIMITS["height"][0], "max": LIMITS["height"][1], "step": 16, "tooltip": "Custom height (multiple of 16; other values are snapped)."}),
-            "batch_size": ("INT", {"default": 1, "min": LIMITS["batch"][0], "max": LIMITS["batch"][1], "tooltip": "Images per run (the whole batch's noise comes from the one seed, as in ComfyUI)."}),
+            "width": ("INT", {"default": 1024, "min": LIMITS["width"][0], "max": LIMITS["width"][1], "step": 16,
+                                "tooltip": "Custom width (multiple of 16; other values are snapped)."}),
+            "height": ("INT", {"default": 1024, "min": LIMITS["height"][0], "max": LIMITS["height"][1], "step": 16,
+                                 "tooltip": "Custom height (multiple of 16; other values are snapped)."}),
+            "batch_size": ("INT", {"default": 1, "min": LIMITS["batch"][0], "max": LIMITS["batch"][1],
+                                    "tooltip": "Images per run (the whole batch's noise comes from the one seed, as in ComfyUI)."}),
         }}
 
     def generate(self, base_resolution, aspect, width, height, batch_size):

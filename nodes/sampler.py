@@ -100,8 +100,10 @@ class LensSampler(_SamplerNode):
                                              "for img2img (with denoise < 1)."}),
             "seed": SEED_INPUT,
             "steps": ("INT", {"default": 20, "min": LIMITS["steps"][0], "max": LIMITS["steps"][1], "tooltip": "Lens: 20. Lens-Base: 50."}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": LIMITS["cfg"][0], "max": LIMITS["cfg"][1], "step": 0.1, "tooltip": "Guidance scale; 1 skips the negative pass."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": LIMITS["denoise"][0], "max": LIMITS["denoise"][1], "step": 0.01, "tooltip": "1 = text-to-image; below 1 keeps that much "
+            "cfg": ("FLOAT", {"default": 5.0, "min": LIMITS["cfg"][0], "max": LIMITS["cfg"][1], "step": 0.1,
+                              "tooltip": "Guidance scale; 1 skips the negative pass."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": LIMITS["denoise"][0], "max": LIMITS["denoise"][1], "step": 0.01,
+                                  "tooltip": "1 = text-to-image; below 1 keeps that much "
                                                                                                  "of the input latent (img2img)."}),
         }}
 

@@ -8,10 +8,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import comfy_kitchen
+
 from lens_core.dit.model import DiTConfig, LensDiT
-from lens_core.quant import quantize_linear_mxfp8
+from lens_core.quant import MXFP8_FORMAT
 
 TINY_DIT = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=48, text_layers=4)
+
+
+def comfy_quant_tensor(fmt: str) -> torch.Tensor:
+    """The `{name}.comfy_quant` marker tensor of Comfy-Org's quantised files: the JSON `{"format": fmt}` as uint8 bytes."""
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def quantize_linear_mxfp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three tensors an mxfp8 file stores for one Linear weight [out, in] (scales as uint8)."""
+    qweight, scales = comfy_kitchen.quantize_mxfp8(weight.float().contiguous())
+    return {"weight": qweight, "weight_scale": scales.view(torch.uint8), "comfy_quant": comfy_quant_tensor(MXFP8_FORMAT)}
 
 
 def random_dit_state(cfg: DiTConfig = TINY_DIT, seed: int = 0) -> dict[str, torch.Tensor]:

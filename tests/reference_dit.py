@@ -42,7 +42,8 @@ def reference_forward(sd, x, sigma, text, mask, h, w, heads, every_block=True):
     k = torch.arange(128, dtype=torch.float32)
     ang = t * torch.exp(-math.log(10000) * k / 128)
     emb = torch.cat([ang.cos(), ang.sin()])
-    temb = _lin(sd, "time_text_embed.timestep_embedder.linear_2", torch.nn.functional.silu(_lin(sd, "time_text_embed.timestep_embedder.linear_1", emb)))
+    time_hidden = torch.nn.functional.silu(_lin(sd, "time_text_embed.timestep_embedder.linear_1", emb))
+    temb = _lin(sd, "time_text_embed.timestep_embedder.linear_2", time_hidden)
     img = _lin(sd, "img_in", x)
     layers = text.shape[1]
     txt = _lin(sd, "txt_in", torch.cat([_rms(text[:, i], sd[f"txt_norm.{i}.weight"], 1e-5) for i in range(layers)], -1))
@@ -78,7 +79,8 @@ def reference_forward(sd, x, sigma, text, mask, h, w, heads, every_block=True):
         for stream, mod, name in ((0, im, "img"), (1, tm, "txt")):
             cur = img if stream == 0 else txt
             m = _rms(cur, sd[p + f"{name}_norm2.weight"], 1e-6) * (1 + mod[4]) + mod[3]
-            ff = (torch.nn.functional.silu(m @ sd[p + f"{name}_mlp.w1.weight"].T) * (m @ sd[p + f"{name}_mlp.w3.weight"].T)) @ sd[p + f"{name}_mlp.w2.weight"].T
+            swish = torch.nn.functional.silu(m @ sd[p + f"{name}_mlp.w1.weight"].T)
+            ff = (swish * (m @ sd[p + f"{name}_mlp.w3.weight"].T)) @ sd[p + f"{name}_mlp.w2.weight"].T
             if stream == 0:
                 img = cur + mod[5] * ff
             else:

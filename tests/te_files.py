@@ -15,7 +15,7 @@ from transformers import GptOssConfig as HFConfig
 from transformers import GptOssModel
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from lens_core.quant import comfy_quant_tensor
+from model_files import comfy_quant_tensor
 from lens_core.text.tokenizer import BUNDLED_RANKS, HARMONY_SPECIAL_TOKENS, O200K_PATTERN
 
 
@@ -34,7 +34,8 @@ def hf_reference(seed=0, layers=3, experts=6, top_k=3, window=3, vocab=300):
 
 def hf_features(model, ids, mask, layers):
     captured = {}
-    hooks = [model.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)) for i in layers]
+    hooks = [model.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+             for i in layers]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     for h in hooks:
@@ -67,7 +68,8 @@ def write_comfy_nvfp4(model, path: Path, tokenizer_json: str | None = None) -> d
         if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
             bank = nvfp4_bank(v.transpose(1, 2))
             out.update({f"{k}.{suffix}": t for suffix, t in bank.items()})
-            deq = torch.stack([comfy_kitchen.dequantize_nvfp4(bank["weight"][e], bank["weight_scale_2"][e], bank["weight_scale"][e], output_type=torch.float32)
+            deq = torch.stack([comfy_kitchen.dequantize_nvfp4(bank["weight"][e], bank["weight_scale_2"][e], bank["weight_scale"][e],
+                                                              output_type=torch.float32)
                                for e in range(v.shape[0])])
             dequantised[k] = deq.transpose(1, 2).contiguous()
         elif k.endswith("_bias") and ".experts." in k:

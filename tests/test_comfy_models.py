@@ -27,7 +27,8 @@ class RecordingModel(nn.Module):
     def device(self):
         return self.place
 
-    def to(self, device):
+    def move(self, device, keep_host_copy=False):
+        """The Lens models' mover (what the patcher calls), recorded."""
         if torch.device(device) != self.place:
             self.place = torch.device(device)
             self.moves.append(self.place)

@@ -41,7 +41,8 @@ def test_mxfp8_on_cuda_matches_dequantised(tmp_path):
     fast = dit(x, sigma, text, mask, grid).float()
     for module in dit.modules():  # force the dequantise-then-matmul path on the same weights
         if isinstance(module, MXFP8Linear):
-            module.forward = lambda x, m=module: torch.nn.functional.linear(x, m.dequantized_weight(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+            module.forward = lambda x, m=module: torch.nn.functional.linear(
+                x, m.dequantized_weight(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
     slow = dit(x, sigma, text, mask, grid).float()
     assert (fast - slow).norm() / slow.norm() < 0.05
 

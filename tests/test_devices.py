@@ -97,7 +97,7 @@ class MetaDenoiserModule(MetaDenoiser):
 
     buffers = parameters
 
-    def to(self, device):
+    def move(self, device, keep_host_copy=False):
         return self
 
 

@@ -96,7 +96,7 @@ def test_each_format_matches_merged_weights(base, tmp_path, fmt):
     before = dit(*inputs())
     layers = deltas(state, seed=1, alpha=None if fmt in ("kohya_no_alpha", "diffusers", "peft") else 2.0)
     writer = {"kohya": write_kohya, "kohya_no_alpha": write_kohya, "diffusers": write_diffusers, "comfy": write_comfy,
-              "peft": lambda l, p: write_diffusers(l, p, prefix="base_model.model.")}[fmt]
+              "peft": lambda layers, path: write_diffusers(layers, path, prefix="base_model.model.")}[fmt]
     path = writer(layers, tmp_path / f"{fmt}.safetensors")
     lora = load_lora(path, dit)
     assert sorted(lora.layers) == sorted(TARGETS) and not lora.unmatched

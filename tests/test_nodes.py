@@ -44,7 +44,8 @@ def test_every_download_link_has_the_comfy_org_layout():
     links = [link for text in texts for link in pattern.findall(text)]
     assert links and not any("split_files" in link for link in links)
     for link in links:
-        assert re.fullmatch(r"https://huggingface\.co/Comfy-Org/Lens(/resolve/main/(diffusion_models|text_encoders|vae)/[\w.-]+\.safetensors)?", link), link
+        pattern = r"https://huggingface\.co/Comfy-Org/Lens(/resolve/main/(diffusion_models|text_encoders|vae)/[\w.-]+\.safetensors)?"
+        assert re.fullmatch(pattern, link), link
 
 
 def image_source():
@@ -81,16 +82,17 @@ def test_workflow_matches_definitions(workflow):
             names = widget_names(cls)
             expected = sum(2 if o.get("control_after_generate") else 1 for _, o in names)
             assert len(node["widgets_values"]) == expected, node["type"]
-            inputs = [n for section in cls.INPUT_TYPES().values() for n, (t, *_) in section.items() if not (isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN"))]
+            inputs = [n for section in cls.INPUT_TYPES().values() for n, (t, *_) in section.items()
+                      if not (isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN"))]
             assert [i["name"] for i in node["inputs"]] == inputs
             assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
-            for name, options in names:
+            for name, _ in names:
                 spec = dict((k, v) for s in cls.INPUT_TYPES().values() for k, v in s.items())[name]
                 if isinstance(spec[0], list) and node["type"] not in ("LensPackModelLoader", "LensPackLoraLoader"):  # file lists
                     assert node["widgets_values"][[n for n, _ in names].index(name)] in spec[0], name
         else:
             assert node["type"] in ("SaveImage", "LoadImage", "Note")
-    for link_id, src, _, dst, _, _ in data["links"]:
+    for _, src, _, dst, _, _ in data["links"]:
         assert src in ids and dst in ids
     loaders = [n for n in data["nodes"] if n["type"] == "LensPackModelLoader"]
     models = loaders[0]["properties"]["models"] if loaders else []

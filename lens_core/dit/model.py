@@ -44,19 +44,6 @@ class DiTConfig:
     axes_dims: tuple[int, int, int] = (8, 28, 28)
     head_dim: int = 64
 
-    def parameter_count(self) -> int:
-        d, m = self.hidden, self.mlp_hidden
-        per_stream = 3 * d * d + 3 * d + d * d + d + 3 * m * d + 6 * d * d + 6 * d + 2 * d + 2 * self.head_dim
-        top = (
-            self.in_channels * d + d
-            + self.text_layers * self.text_width
-            + self.text_layers * self.text_width * d + d
-            + self.time_channels * d + d + d * d + d
-            + 2 * d * d + 2 * d
-            + d * self.out_channels + self.out_channels
-        )
-        return top + self.blocks * 2 * per_stream
-
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):

@@ -98,9 +98,6 @@ class EncodedPrompts:
     mask: torch.Tensor
     dropped_tokens: list[int]
 
-    def __iter__(self):
-        return iter((self.features, self.mask))
-
 
 def is_empty_prompt(prompt: str) -> bool:
     return not strip_control_markers(prompt).strip()

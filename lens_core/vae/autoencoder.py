@@ -102,10 +102,6 @@ class LensVAE:
         """Image pixels per Lens latent position (16 for the real VAE: x8 in the VAE, x2 in the fold)."""
         return 2 * self.model.config.downscale
 
-    def to(self, device) -> "LensVAE":
-        self.model.to(device)
-        return self
-
     def move(self, device, keep_host_copy: bool = False) -> "LensVAE":
         """Move the model through its page-locked host copies (see host_copies.py)."""
         move_module(self.model, device, keep_host_copy)
