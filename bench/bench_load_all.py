@@ -68,7 +68,7 @@ def timed_move(model, device: str) -> float:
 
 def round_trips(model, device: str, nbytes: int) -> dict:
     """GB/s of each direction: from ordinary memory (baseline), the first trip with page-locked copies, a later one."""
-    from lens_core import pinned
+    from lens_core.memory import pinned
 
     budget = pinned.ledger
     pinned.ledger = pinned.Ledger(0)

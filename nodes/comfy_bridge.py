@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..lens_core import pinned
+from ..lens_core.memory import pinned
 from ..lens_core.device import default_device
 
 try:

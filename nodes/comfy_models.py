@@ -21,7 +21,7 @@ _patchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def move_model(model, device, keep_host_copy: bool = False) -> None:
     """Move a Lens model with everything it holds (the text encoder's packed expert banks included), through its
-    page-locked host copies (lens_core/host_copies.py); `keep_host_copy`: it will come back, make them now."""
+    page-locked host copies (lens_core/memory/host_copies.py); `keep_host_copy`: it will come back, make them now."""
     model.move(device, keep_host_copy)
 
 

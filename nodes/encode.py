@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import torch
 
 from ..lens_core import PromptCache, encode_prompts
-from .loader import CATEGORY
+from .common import CATEGORY
 
 log = logging.getLogger("lens_core")
 _prompt_cache = PromptCache()

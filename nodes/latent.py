@@ -8,7 +8,7 @@ import torch
 
 from ..lens_core.presets import ASPECTS, LIMITS, bucket_size, check_in_range, size_warnings, snap_to_16
 from .comfy_bridge import intermediate_device
-from .loader import CATEGORY
+from .common import CATEGORY
 
 log = logging.getLogger("lens_core")
 

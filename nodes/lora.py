@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..lens_core import apply_loras, load_lora
 from .comfy_bridge import list_models, model_path
-from .loader import CATEGORY
+from .common import CATEGORY
 
 
 class LensLoraLoader:

@@ -7,19 +7,17 @@ import logging
 import torch
 
 from ..lens_core import sample
-from ..lens_core.errors import require_finite
 from ..lens_core.presets import LIMITS, check_variant_settings
 from ..lens_core.sampling import check_text_features, make_noise
 from ..lens_core.vae.latent import latent_preview
 from .comfy_bridge import Progress, check_cancel, intermediate_device
 from .encode import from_conditioning
-from .loader import CATEGORY
+from .common import CATEGORY, LENS_CHANNELS, check_latent
 
 log = logging.getLogger("lens_core")
 SEED_INPUT = ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1], "control_after_generate": True,
                       "tooltip": "Noise seed. Noise is drawn on the CPU exactly as ComfyUI's own samplers draw it, so a seed "
                                  "gives the same image on any GPU and the same start as a native Lens graph."})
-LENS_CHANNELS = 128
 NATIVE_EMPTY_CHANNELS = (4, 16)  # EmptyLatentImage / EmptySD3LatentImage: all zeros at 1/8 of the pixel size
 
 
@@ -28,16 +26,6 @@ def _preview(x0: torch.Tensor):
 
     rgb = (latent_preview(x0[:1])[0] * 255).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(rgb)
-
-
-def check_latent(latent: dict) -> torch.Tensor:
-    samples = latent["samples"]
-    if samples.ndim != 4 or samples.shape[1] != LENS_CHANNELS:
-        raise ValueError(f"this latent has {samples.shape[1] if samples.ndim == 4 else '?'} channels; Lens latents have 128. "
-                         "Use Lens Empty Latent or Lens VAE Encode (SD/SDXL/FLUX latents cannot be used).")
-    require_finite(samples, "the LATENT input", "Check the node that made it (a NaN image into VAE Encode, or a sampler "
-                                                "that failed).")
-    return samples
 
 
 def lens_latent(latent: dict) -> torch.Tensor:

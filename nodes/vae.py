@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from ..lens_core.errors import require_finite
-from .loader import CATEGORY
 from .comfy_bridge import intermediate_device
-from .sampler import check_latent
+from .common import CATEGORY, check_latent
 
 
 class LensVAEDecode:

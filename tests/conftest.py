@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cuda_stand_in import RecordingCudart  # noqa: E402 (needs the path above)
-from lens_core import pinned  # noqa: E402
+from lens_core.memory import pinned  # noqa: E402
 
 SHARED_GOLDEN = ROOT.parent / "shared" / "golden"
 SHIPPED_GOLDEN = Path(__file__).resolve().parent / "golden"

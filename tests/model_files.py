@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import comfy_kitchen
 
 from lens_core.dit.model import DiTConfig, LensDiT
-from lens_core.quant import MXFP8_FORMAT
+from lens_core.dit.quant import MXFP8_FORMAT
 
 TINY_DIT = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=48, text_layers=4)
 

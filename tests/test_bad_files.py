@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from lens_core import LensFileError, load_dit, load_text_encoder, load_vae
-from lens_core.safetensors_reader import SafetensorsFile
+from lens_core.checkpoint.safetensors_reader import SafetensorsFile
 from model_files import random_dit_state, write_single
 from te_files import golden_te_folder, hf_reference, write_comfy_nvfp4
 
@@ -176,7 +176,7 @@ def test_bad_quantisation_marker_and_embedded_tokenizer(tmp_path, dit_state):
 def test_fingerprint_of_a_large_file_samples_it_and_sees_a_fine_tune(tmp_path):
     import os
 
-    from lens_core.safetensors_reader import fingerprint
+    from lens_core.checkpoint.safetensors_reader import fingerprint
 
     path = tmp_path / "big.safetensors"
     base = torch.randn(17 * 1024 * 1024 // 4, 4)  # 68 MiB: past the whole-file limit

@@ -145,7 +145,7 @@ def test_comfyuis_loads_and_unloads_go_through_the_page_locked_copies(manager, c
     """A model with page-locked CPU copies (made on its first trip down from a real GPU) comes back from ComfyUI's
     unload without a copy: the meta device stands in for the GPU, and copying from it would raise."""
     from lens_core.demo import demo_dit
-    from lens_core.host_copies import pin_in_place
+    from lens_core.memory.host_copies import pin_in_place
 
     dit = demo_dit()
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from lens_core import load_dit
-from lens_core.quant import MXFP8Linear
+from lens_core.dit.quant import MXFP8Linear
 from model_files import mxfp8_state, random_dit_state, write_single
 
 from test_nodes import NODES, WORKFLOWS, image_source, shrink
@@ -93,7 +93,7 @@ def test_compiled_blocks_match_eager_on_cuda(tmp_path, cuda_graphs):
 
 
 def test_streamed_weights_are_page_locked_and_copy_asynchronously():
-    from lens_core.pinned import PinnedGroup
+    from lens_core.memory.pinned import PinnedGroup
 
     originals = [torch.randn(1000, 1000).bfloat16(), torch.arange(10)]
     group = PinnedGroup(originals)
@@ -135,7 +135,7 @@ def test_models_taking_turns_keep_page_locked_cpu_copies():
 
 
 def test_a_refused_page_lock_leaves_no_cuda_error_behind(monkeypatch):
-    from lens_core.pinned import PinnedGroup
+    from lens_core.memory.pinned import PinnedGroup
 
     group = PinnedGroup([torch.ones(1000)])
     assert group.pinned

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from lens_core import LensFileError, load_dit
-from lens_core.quant import MXFP8Linear
+from lens_core.dit.quant import MXFP8Linear
 from model_files import dequantised, mxfp8_state, random_dit_state, write_diffusers_shards, write_single
 
 

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from lens_core import DiTConfig, LensDiT, LensInputError, apply_loras, load_dit
 from lens_core.device import model_bytes
-from lens_core.quant import Fp8Linear, MXFP8Linear, to_fp8_weights
+from lens_core.dit.quant import Fp8Linear, MXFP8Linear, to_fp8_weights
 from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 
 
@@ -112,7 +112,7 @@ def test_sage_attention_without_its_package_is_refused_before_loading(dit_file, 
 def test_fast_fp8_falls_back_once_when_the_gpu_refuses(dit_file, monkeypatch, caplog):
     import logging
 
-    import lens_core.quant as quant
+    import lens_core.dit.quant as quant
 
     fast = load_dit(dit_file, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn_fast")
     slow = load_dit(dit_file, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn")

@@ -12,10 +12,11 @@ import platform
 import pytest
 import torch
 
-from lens_core import apply_loras, pinned
+from lens_core import apply_loras
+from lens_core.memory import pinned
 from lens_core.demo import DEMO_DIT, demo_dit, demo_text_encoder, demo_vae
 from lens_core.dit.lora import LoRA, LoRALayer
-from lens_core.host_copies import chunks, host_copies_of, pin_in_place
+from lens_core.memory.host_copies import chunks, host_copies_of, pin_in_place
 from pack import import_pack
 
 META = torch.device("meta")
@@ -55,7 +56,7 @@ def test_a_denoiser_comes_back_from_the_gpu_without_a_copy(cudart):
 
 def test_fp8_weights_come_back_too(cudart):
     """fp8 weights and their scales are buffers, not parameters: they travel the same way."""
-    from lens_core.quant import Fp8Linear, to_fp8_weights
+    from lens_core.dit.quant import Fp8Linear, to_fp8_weights
 
     dit = to_fp8_weights(demo_dit().bfloat16(), fast=False)
     assert any(isinstance(m, Fp8Linear) for m in dit.modules())
@@ -130,7 +131,7 @@ def test_the_budget_caps_what_is_page_locked_and_the_rest_stays_ordinary(cudart,
     dit = demo_dit()
     before = dit(*dit_inputs())
     total = pinned.packed_bytes(weights(dit))
-    monkeypatch.setattr("lens_core.host_copies.CHUNK_BYTES", total // 8)
+    monkeypatch.setattr("lens_core.memory.host_copies.CHUNK_BYTES", total // 8)
     monkeypatch.setattr(pinned, "ledger", pinned.Ledger(total // 2))
     pin_in_place(dit)
     copies = host_copies_of(dit)
@@ -141,7 +142,7 @@ def test_the_budget_caps_what_is_page_locked_and_the_rest_stays_ordinary(cudart,
 
 
 def test_chunks_keep_order_and_size(monkeypatch):
-    monkeypatch.setattr("lens_core.host_copies.CHUNK_BYTES", 4 * pinned.ALIGNMENT)
+    monkeypatch.setattr("lens_core.memory.host_copies.CHUNK_BYTES", 4 * pinned.ALIGNMENT)
     sizes = (2 * pinned.ALIGNMENT, 2 * pinned.ALIGNMENT, 1, 9 * pinned.ALIGNMENT, 5, 7)
     tensors = [torch.empty(n, dtype=torch.uint8) for n in sizes]
     groups = chunks(tensors)

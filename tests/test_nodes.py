@@ -415,7 +415,7 @@ def test_concurrent_loads_of_one_file_load_it_once(models_dir, monkeypatch):
 def test_text_encoder_placement_auto_streams_experts_only_where_the_gpu_is_too_small(monkeypatch):
     from types import SimpleNamespace
 
-    from lens_core import placement
+    from lens_core.memory import placement
     from lens_core.demo import demo_text_encoder
     from lens_core.device import model_bytes
 

@@ -9,8 +9,9 @@ import logging
 
 import torch
 
-from lens_core import load_dit, pinned
-from lens_core.pinned import ALIGNMENT, PinnedGroup
+from lens_core import load_dit
+from lens_core.memory import pinned
+from lens_core.memory.pinned import ALIGNMENT, PinnedGroup
 from cuda_stand_in import RecordingCudart
 from model_files import TINY_DIT, random_dit_state, write_single
 

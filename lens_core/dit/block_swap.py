@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..device import model_bytes
-from ..host_copies import HostCopies, move_module, pin_in_place
+from ..memory.host_copies import HostCopies, move_module, pin_in_place
 
 _RESERVE_BYTES = 4 << 30  # activations of a 1440x1440 CFG step with room to spare
 
@@ -28,7 +28,7 @@ class BlockSwap:
     """Which blocks live on the CPU, and how they reach the compute device.
 
     It holds indices, not blocks: a denoiser with LoRAs shares it with its base but runs its own (wrapped) blocks.
-    The swapped blocks' weights are the model's page-locked host copies (host_copies.py): wherever they were, they
+    The swapped blocks' weights are the model's page-locked host copies (memory/host_copies.py): wherever they were, they
     end up there, at their exact size and within the page-locked budget, and count as the model's CPU copy.
     """
 

@@ -18,10 +18,10 @@ import torch
 
 from ..device import resolve_compute
 from ..errors import LensFileError, LensInputError
-from ..identify import describe, placement_hint
-from ..quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
-from ..safetensors_reader import Checkpoint, open_component
-from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
+from ..checkpoint.identify import find_key_prefix
+from .quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
+from ..checkpoint.safetensors_reader import Checkpoint, open_component
+from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from .model import DiTConfig, LensDiT
 
 log = logging.getLogger("lens_core")
@@ -35,13 +35,7 @@ _EXPECTED = (
 
 
 def _key_prefix(ckpt: Checkpoint) -> str:
-    for prefix in _PREFIXES:
-        if all(prefix + marker in ckpt for marker in _MARKERS):
-            return prefix
-    looks_like = describe(ckpt.keys(), ckpt.shape)
-    raise LensFileError(
-        f"{ckpt.name}: this looks like {looks_like}, not a Lens denoiser.{placement_hint(looks_like)} Expected {_EXPECTED}."
-    )
+    return find_key_prefix(ckpt, _PREFIXES, _MARKERS, "a Lens denoiser", _EXPECTED)
 
 
 def check_file(path: str | os.PathLike) -> None:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import LensFileError, LensInputError
-from ..identify import describe, placement_hint
-from ..safetensors_reader import SafetensorsFile
+from ..checkpoint.identify import describe, placement_hint
+from ..checkpoint.safetensors_reader import SafetensorsFile
 
 log = logging.getLogger("lens_core")
 

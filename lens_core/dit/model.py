@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LensInputError
-from ..host_copies import host_copies_of, move_module
+from ..memory.host_copies import host_copies_of, move_module
 from ..norms import RMSNorm
 from .block_swap import BlockSwap
 from .rope import rope_frequencies, apply_rope
@@ -295,7 +295,7 @@ class LensDiT(nn.Module):
 
     def move(self, device, keep_host_copy: bool = False) -> "LensDiT":
         """Move the model (less the blocks a block swap keeps on the CPU) through its page-locked host copies
-        (see host_copies.py)."""
+        (see memory/host_copies.py)."""
         move_module(self, device, keep_host_copy)
         return self
 

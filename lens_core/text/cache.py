@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import LensFileError
-from ..safetensors_reader import SafetensorsFile
+from ..checkpoint.safetensors_reader import SafetensorsFile
 from .prompt import template_date
 
 log = logging.getLogger("lens_core")

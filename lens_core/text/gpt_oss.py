@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..host_copies import host_copies_of, move_module
+from ..memory.host_copies import host_copies_of, move_module
 from ..norms import RMSNorm
 
 
@@ -196,7 +196,7 @@ class GptOssEncoder(nn.Module):
 
     def move(self, device, keep_host_copy: bool = False) -> "GptOssEncoder":
         """Move the model and its packed expert banks (which stay in CPU memory while experts are streamed) through
-        its page-locked host copies (see host_copies.py)."""
+        its page-locked host copies (see memory/host_copies.py)."""
         move_module(self, device, keep_host_copy)
         self._place_banks("cpu" if self.stream_experts else device, pin=keep_host_copy or self.stream_experts)
         return self

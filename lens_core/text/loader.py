@@ -13,9 +13,9 @@ import torch
 
 from ..device import resolve_compute
 from ..errors import LensFileError
-from ..identify import describe, placement_hint
-from ..safetensors_reader import Checkpoint, open_component
-from ..tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
+from ..checkpoint.identify import find_key_prefix
+from ..checkpoint.safetensors_reader import Checkpoint, open_component
+from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
 
@@ -26,11 +26,7 @@ _EXPECTED = (
 
 
 def _prefix(ckpt: Checkpoint) -> str:
-    for prefix in ("model.", ""):
-        if prefix + "layers.0.self_attn.sinks" in ckpt:
-            return prefix
-    looks_like = describe(ckpt.keys(), ckpt.shape)
-    raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not GPT-OSS.{placement_hint(looks_like)} Expected {_EXPECTED}.")
+    return find_key_prefix(ckpt, ("model.", ""), ("layers.0.self_attn.sinks",), "GPT-OSS", _EXPECTED)
 
 
 def check_file(path: str | os.PathLike) -> None:

@@ -112,7 +112,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LensTokenizer:
 
 
 def _embedded(path: Path) -> LensTokenizer | None:
-    from ..safetensors_reader import SafetensorsFile
+    from ..checkpoint.safetensors_reader import SafetensorsFile
 
     if not (path.is_file() and path.suffix == ".safetensors"):
         return None

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..errors import LensInputError
-from ..host_copies import move_module
+from ..memory.host_copies import move_module
 from .latent import fold, unfold
 from .model import FluxVAEModel
 
@@ -103,7 +103,7 @@ class LensVAE:
         return 2 * self.model.config.downscale
 
     def move(self, device, keep_host_copy: bool = False) -> "LensVAE":
-        """Move the model through its page-locked host copies (see host_copies.py)."""
+        """Move the model through its page-locked host copies (see memory/host_copies.py)."""
         move_module(self.model, device, keep_host_copy)
         return self
 

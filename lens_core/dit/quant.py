@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LensFileError
+from ..errors import LensFileError
 
 log = logging.getLogger("lens_core")
 MXFP8_FORMAT = "mxfp8"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .device import model_bytes
-from .dit.block_swap import auto_blocks_on_cpu
+from ..device import model_bytes
+from ..dit.block_swap import auto_blocks_on_cpu
 
 ENCODER_RESERVE_BYTES = 1_500_000_000  # CUDA context, a 512-token prompt's activations, one layer's experts decoded
 TEXT_ENCODER_PLACEMENTS = ("auto", "gpu", "cpu", "gpu_stream_experts")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import LensFileError, some
+from ..errors import LensFileError, some
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

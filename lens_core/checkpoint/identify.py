@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..errors import LensFileError
+
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
 
 
@@ -61,6 +63,16 @@ _PLACES = (
     ("GPT-OSS", "the text-encoder slot (ComfyUI/models/text_encoders)"),
     ("FLUX.2 VAE", "the VAE slot (ComfyUI/models/vae)"),
 )
+
+
+def find_key_prefix(ckpt, prefixes: tuple[str, ...], markers: tuple[str, ...], family: str, expected: str) -> str:
+    """The key prefix under which `ckpt` holds every marker key of the model family, or a LensFileError saying what
+    the file looks like instead (and where it belongs, when it is another part of Lens)."""
+    for prefix in prefixes:
+        if all(prefix + marker in ckpt for marker in markers):
+            return prefix
+    looks_like = describe(ckpt.keys(), ckpt.shape)
+    raise LensFileError(f"{ckpt.name}: this looks like {looks_like}, not {family}.{placement_hint(looks_like)} Expected {expected}.")
 
 
 def placement_hint(description: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LensFileError, all_finite, some
+from ..errors import LensFileError, all_finite, some
 from .identify import describe
 
 _DTYPES = {
