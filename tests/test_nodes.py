@@ -101,6 +101,22 @@ def test_workflow_matches_definitions(workflow):
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_note_lists_its_model_files(workflow):
+    """Each note says which file goes in which models folder, and where the placeholders come from."""
+    nodes = json.loads(workflow.read_text())["nodes"]
+    note = "\n".join(n["widgets_values"][0] for n in nodes if n["type"] == "Note")
+    models = [m for n in nodes if n["type"] == "LensPackModelLoader" for m in n["properties"]["models"]]
+    for model in models:
+        assert f"{model['directory']}/{model['name']}" in note
+    assert "https://huggingface.co/Comfy-Org/Lens" in note
+    for node in nodes:
+        if node["type"] == "LoadImage":
+            assert node["widgets_values"][0] == "example.png" and "ships with ComfyUI" in note
+        if node["type"] == "LensPackLoraLoader":
+            assert f"{node['widgets_values'][0]} is a placeholder" in note and "ComfyUI/models/loras" in note
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_end_to_end(workflow, models_dir, tmp_path):
     runs = []
     for seed in (5, 5, 6):

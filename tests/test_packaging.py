@@ -1,5 +1,6 @@
 """`pip wheel .` builds lens_core as an installable library that works outside the checkout."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -42,3 +43,33 @@ def test_installed_library_imports_and_runs_outside_the_checkout(wheel, tmp_path
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     location, tokens = done.stdout.split()
     assert location.startswith(str(site)) and int(tokens) > 0
+
+
+def test_requirements_txt_leaves_comfyuis_own_packages_alone():
+    """requirements.txt (what ComfyUI-Manager, the Registry and git installs use) is the wheel's dependency list
+    without torch, numpy and pillow, which stay ComfyUI's own."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    requirements = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert requirements == [d for d in project["dependencies"] if d.split(">")[0] not in ("torch", "numpy", "pillow")]
+    assert {"torch>=2.4", "numpy", "pillow"} <= set(project["dependencies"])
+
+
+def test_registry_reads_licence_links_icon_and_models():
+    """The Comfy Registry's own parser (comfy-cli) finds everything its pack page shows."""
+    config_parser = pytest.importorskip("comfy_cli.registry.config_parser", reason="comfy-cli is in requirements-test.txt")
+    config = config_parser.extract_node_configuration(str(ROOT / "pyproject.toml"))
+    assert config.project.license.text == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    urls = config.project.urls
+    assert urls.repository == urls.homepage == "https://github.com/lens-pack/comfyui-lens"
+    assert urls.issues == urls.repository + "/issues" and urls.documentation.startswith(urls.repository)
+    icon = config.tool_comfy.icon
+    assert icon.startswith("https://raw.githubusercontent.com/lens-pack/comfyui-lens/main/")
+    assert (ROOT / icon.split("/main/", 1)[1]).is_file()
+    workflow_models = {m["url"] for p in (ROOT / "workflows").glob("*.json")
+                       for n in json.loads(p.read_text())["nodes"] for m in n.get("properties", {}).get("models", [])}
+    registry_models = {m.model_url for m in config.tool_comfy.models}
+    assert workflow_models <= registry_models
+    assert all(m.model_url.endswith(m.location) for m in config.tool_comfy.models)
