@@ -1,4 +1,4 @@
-"""Variant defaults, resolution buckets and size checks (lens_spec.md §0 and §4)."""
+"""Variant defaults, resolution buckets and size checks (docs/architecture.md, The model and Sampling)."""
 
 from __future__ import annotations
 

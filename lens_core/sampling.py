@@ -1,4 +1,4 @@
-"""Flow-matching schedule, norm-rescaled guidance and the Euler sampler (lens_spec.md §4).
+"""Flow-matching schedule, norm-rescaled guidance and the Euler sampler (docs/architecture.md, Sampling).
 
 Plain functions, FLUX-style: `schedule_sigmas` -> N+1 sigmas; `sample` runs N Euler steps
 x <- x + (sigma_next - sigma) * v with the update in float32.

@@ -1,6 +1,6 @@
 """An independent, deliberately plain re-implementation of the Lens DiT, used only by tests.
 
-Written from lens_spec.md §1 in a different style from lens_core (complex-number RoPE, explicit
+Written from the description in docs/architecture.md (The denoiser) in a different style from lens_core (complex-number RoPE, explicit
 softmax, one sample at a time, state dict indexed directly), so that agreeing with it on shapes the
 goldens do not cover says something.
 """

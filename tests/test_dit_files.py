@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from lens_core import LensFileError, load_dit
+from lens_core.checkpoint.safetensors_reader import fingerprint as fingerprint_of
 from lens_core.dit.quant import MXFP8Linear
 from model_files import dequantised, mxfp8_state, random_dit_state, write_diffusers_shards, write_single
 
@@ -38,6 +39,15 @@ def test_fp32_shard_folder_matches_single_file(tmp_path, state, inputs):
     folder = write_diffusers_shards(state, tmp_path / "Lens" / "transformer")
     assert torch.equal(run(folder, inputs), single)
     assert torch.equal(run(tmp_path / "Lens", inputs), single)  # the repo folder finds transformer/
+
+
+def test_one_shard_picked_in_a_dropdown_loads_its_whole_folder(tmp_path, state, inputs):
+    """ComfyUI's model dropdowns list files, so a user of Microsoft's Lens-Base picks one shard of transformer/."""
+    folder = write_diffusers_shards(state, tmp_path / "lens_base")
+    whole = run(folder, inputs)
+    for shard in sorted(folder.glob("*-of-*.safetensors")):
+        assert torch.equal(run(shard, inputs), whole)
+    assert fingerprint_of(folder / "diffusion_pytorch_model-00001-of-00002.safetensors") == fingerprint_of(folder)
 
 
 def test_fp32_shards_convert_to_bf16_like_a_bf16_file(tmp_path, state, inputs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import struct
 from dataclasses import dataclass
@@ -248,10 +249,20 @@ class Checkpoint:
         return self._file_of(key).read(key, dtype)
 
 
-def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -> Checkpoint:
-    """One model of a repository: a single file, a folder of its shards, or the repository folder that
-    holds it in `subfolder/` (e.g. Microsoft's `Lens/transformer/`)."""
+_SHARD_NAME = re.compile(r".+-\d{5}-of-\d{5}\.safetensors")
+
+
+def whole_model(path: str | os.PathLike) -> Path:
+    """The folder of a sharded model when `path` is one of its shards (`model-00001-of-00003.safetensors`): ComfyUI's
+    model dropdowns list files, so that is what a user of Microsoft's folders picks. Any other path as it is."""
     path = Path(path)
+    return path.parent if path.is_file() and _SHARD_NAME.fullmatch(path.name) else path
+
+
+def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -> Checkpoint:
+    """One model of a repository: a single file, a folder of its shards (or one of the shards), or the repository
+    folder that holds it in `subfolder/` (e.g. Microsoft's `Lens/transformer/`)."""
+    path = whole_model(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / subfolder).is_dir():
         path = path / subfolder
     return open_checkpoint(path, shard_prefix)
@@ -290,8 +301,8 @@ def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoi
 
 def fingerprint(path: str | os.PathLike) -> str:
     """A content hash of a model file, or of a model folder (its safetensors files and JSON configs, at any depth),
-    for caches that must not confuse two models (see `SafetensorsFile.fingerprint`)."""
-    path = Path(path)
+    for caches that must not confuse two models (see `SafetensorsFile.fingerprint`). A shard stands for its folder."""
+    path = whole_model(path)
     if path.is_file():
         return SafetensorsFile(path).fingerprint()
     digest = hashlib.sha256()

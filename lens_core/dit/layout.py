@@ -1,4 +1,4 @@
-"""Converting between the DiT's token layout and ComfyUI's LATENT layout (lens_spec.md §3).
+"""Converting between the DiT's token layout and ComfyUI's LATENT layout (docs/architecture.md, The latent space).
 
 tokens [B, h*w, 128] are the 128-channel latent vectors in row-major order; a LATENT is the same
 numbers as [B, 128, h, w]. (The 128 channels are the 32 VAE channels folded 2x2: c*4 + py*2 + px.)

@@ -1,4 +1,4 @@
-"""The Lens denoiser: a dual-stream MMDiT (lens_spec.md §1).
+"""The Lens denoiser: a dual-stream MMDiT (docs/architecture.md, The denoiser).
 
 Every block keeps separate image and text weights and runs one joint attention over
 [image tokens ; text tokens]. Norms, RoPE and the softmax run in float32 whatever the
@@ -202,7 +202,7 @@ class OutputNorm(nn.Module):
 
 
 class LensDiT(nn.Module):
-    """`dit(x, sigma, text, text_mask, grid) -> velocity`, all in the token layout of lens_spec.md §3.
+    """`dit(x, sigma, text, text_mask, grid) -> velocity`, all in the token layout (docs/architecture.md, The latent space).
 
     x [B, h*w, 128] (row-major tokens), sigma [B], text [B, S, text_layers, text_width],
     text_mask [B, S] bool (True = real token) or None (no padded token), grid = (h, w).

@@ -1,4 +1,4 @@
-"""Quantised Linear layers for Comfy-Org's `*_mxfp8` DiT files (lens_spec.md §1).
+"""Quantised Linear layers for Comfy-Org's `*_mxfp8` DiT files (docs/architecture.md, File formats).
 
 The block-scale layout (cuBLAS "blocked"/swizzled E8M0 scales, one per 32 inputs) is
 comfy-kitchen's: we call its `quantize_mxfp8` / `dequantize_mxfp8` / `scaled_mm_mxfp8` rather than

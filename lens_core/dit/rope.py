@@ -1,4 +1,4 @@
-"""3-axis rotary position embedding of the Lens DiT (adjacent-pair rotation, lens_spec.md §1).
+"""3-axis rotary position embedding of the Lens DiT (adjacent-pair rotation, docs/architecture.md, The denoiser).
 
 Positions, per token of the joint sequence [image ; text]:
 - image token (r, c) of an h x w grid: (0, r - (h - h//2), c - (w - w//2)): centred, an odd

@@ -1,4 +1,4 @@
-"""GPT-OSS as a feature extractor for Lens (lens_spec.md §2).
+"""GPT-OSS as a feature extractor for Lens (docs/architecture.md, Text features).
 
 Our own implementation (transformers' `GptOssModel` is the reference in tests) so that the expert
 banks can stay packed: `GptOssEncoder.features` runs layers 0..max(layers), captures the residual

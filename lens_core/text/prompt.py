@@ -1,4 +1,4 @@
-"""Prompt -> GPT-OSS features for the Lens DiT (lens_spec.md §2).
+"""Prompt -> GPT-OSS features for the Lens DiT (docs/architecture.md, Text features).
 
 The encoder sees the prompt inside the Harmony chat template. The first 97 tokens (the template
 up to `<|start|>user<|message|>`) are dropped from the features; sequences are capped at 512 tokens

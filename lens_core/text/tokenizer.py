@@ -1,4 +1,4 @@
-"""The o200k_harmony tokenizer of GPT-OSS, from whichever source is at hand (lens_spec.md §2).
+"""The o200k_harmony tokenizer of GPT-OSS, from whichever source is at hand (docs/architecture.md, Text features).
 
 Sources, in order: a `tokenizer.json` beside the encoder weights (HF layout, read with `tokenizers`),
 the `tokenizer_json` uint8 tensor embedded in Comfy-Org's encoder file, or the o200k_base ranks

@@ -1,4 +1,4 @@
-"""The Lens latent space: FLUX.2 VAE latents folded 2x2 into 128 channels (lens_spec.md §3),
+"""The Lens latent space: FLUX.2 VAE latents folded 2x2 into 128 channels (docs/architecture.md, The latent space),
 and the cheap RGB preview of a latent (no VAE call)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-# Rows: the 32 unfolded latent channels; columns: R, G, B (lens_spec.md §3).
+# Rows: the 32 unfolded latent channels; columns: R, G, B (docs/architecture.md, The latent space).
 LATENT_RGB_FACTORS = (
     (0.0058, 0.0113, 0.0073), (0.0495, 0.0443, 0.0836), (-0.0099, 0.0096, 0.0644), (0.2144, 0.3009, 0.3652),
     (0.0166, -0.0039, -0.0054), (0.0157, 0.0103, -0.0160), (-0.0398, 0.0902, -0.0235), (-0.0052, 0.0095, 0.0109),
