@@ -208,8 +208,9 @@ def sample(
     runs (state x and sigmas in float32, text in the denoiser's dtype). The x0 estimates handed to
     `callback` and the returned latent (float32) live on `dit.device` too.
     """
-    if noise.ndim != 4 or noise.shape[1] != 128:
-        raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; a Lens latent is [B, 128, H/16, W/16].")
+    channels = dit.config.in_channels
+    if noise.ndim != 4 or noise.shape[1] != channels:
+        raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; this denoiser's latent is [B, {channels}, H/16, W/16].")
     check_settings(steps, cfg, denoise)
     batch, _, h, w = noise.shape
     use_cfg = cfg != 1.0

@@ -8,7 +8,7 @@ import torch
 
 from ..lens_core.presets import ASPECTS, LIMITS, bucket_size, check_in_range, size_warnings, snap_to_16
 from .comfy_bridge import intermediate_device
-from .common import CATEGORY
+from .common import CATEGORY, LENS_CHANNELS
 
 log = logging.getLogger("lens_core")
 
@@ -45,5 +45,5 @@ class LensEmptyLatent:
             size_warnings(height, width)
         else:
             height, width = bucket_size(aspect, int(base_resolution))
-        latent = torch.zeros(batch_size, 128, height // 16, width // 16, device=intermediate_device())
+        latent = torch.zeros(batch_size, LENS_CHANNELS, height // 16, width // 16, device=intermediate_device())
         return ({"samples": latent}, width, height)
