@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming_writer import write_streaming  # noqa: E402
+
 from lens_core import DiTConfig, LensDiT  # noqa: E402
 from lens_core.dit.quant import to_fp8_weights  # noqa: E402
-from streaming_writer import write_streaming  # noqa: E402
 
 MODES = ("eager", "compiled", "compiled_cudagraphs", "fp8", "fp8_fast")
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs this is usually run on, by a part of their name.

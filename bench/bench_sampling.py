@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import MODES, benchmark_dit  # noqa: E402
+
 from lens_core import make_noise, sample  # noqa: E402
 from lens_core.device import default_device, resolve_compute  # noqa: E402
 

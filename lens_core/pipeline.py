@@ -14,7 +14,6 @@ from .sampling import check_settings, make_noise, sample
 from .text.prompt import FROZEN_DATE, encode_prompts
 
 
-
 def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL RGB images."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..lens_core.memory import pinned
 from ..lens_core.device import default_device
+from ..lens_core.memory import pinned
 
 try:
     import folder_paths
@@ -23,7 +23,8 @@ try:
     import comfy.model_management as model_management
     import comfy.model_patcher as model_patcher
     import comfy.utils as comfy_utils
-    from comfy.cli_args import LatentPreviewMethod, args as comfy_args
+    from comfy.cli_args import LatentPreviewMethod
+    from comfy.cli_args import args as comfy_args
 except ImportError:
     model_management = None
     model_patcher = None

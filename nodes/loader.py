@@ -8,12 +8,12 @@ import threading
 import torch
 
 from ..lens_core import LensError, load_dit, load_text_encoder, load_tokenizer, load_vae
+from ..lens_core.checkpoint.safetensors_reader import fingerprint
 from ..lens_core.device import describe, resolve_compute
+from ..lens_core.dit.quant import FP8_WEIGHT_DTYPES
 from ..lens_core.memory import placement
 from ..lens_core.memory.placement import TEXT_ENCODER_PLACEMENTS
 from ..lens_core.presets import guess_variant
-from ..lens_core.checkpoint.safetensors_reader import fingerprint
-from ..lens_core.dit.quant import FP8_WEIGHT_DTYPES
 from .comfy_bridge import compute_device, list_models, model_path
 from .common import CATEGORY
 from .managed import Managed

@@ -11,8 +11,8 @@ from ..lens_core.presets import LIMITS, check_variant_settings
 from ..lens_core.sampling import check_text_features, make_noise
 from ..lens_core.vae.latent import latent_preview
 from .comfy_bridge import Progress, check_cancel, intermediate_device
-from .encode import from_conditioning
 from .common import CATEGORY, LENS_CHANNELS, check_latent
+from .encode import from_conditioning
 
 log = logging.getLogger("lens_core")
 SEED_INPUT = ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1], "control_after_generate": True,

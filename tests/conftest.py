@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cuda_stand_in import RecordingCudart  # noqa: E402 (needs the path above)
+
 from lens_core.memory import pinned  # noqa: E402
 
 SHARED_GOLDEN = ROOT.parent / "shared" / "golden"
@@ -48,13 +49,13 @@ def models_dir(tmp_path_factory):
     """A ComfyUI models folder of tiny random files in the real formats, under the names Comfy-Org publishes,
     set as the pack's models folder (for the node and workflow tests)."""
     import torch
+    from model_files import random_dit_state, write_single
+    from pack import import_pack
     from safetensors.torch import save_file
+    from te_files import hf_reference, write_comfy_nvfp4
 
     from lens_core import DiTConfig
     from lens_core.demo import demo_vae
-    from model_files import random_dit_state, write_single
-    from pack import import_pack
-    from te_files import hf_reference, write_comfy_nvfp4
 
     root = tmp_path_factory.mktemp("models")
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):

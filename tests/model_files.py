@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import comfy_kitchen
 import torch
 from safetensors.torch import save_file
-
-import comfy_kitchen
 
 from lens_core.dit.model import DiTConfig, LensDiT
 from lens_core.dit.quant import MXFP8_FORMAT

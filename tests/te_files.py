@@ -9,13 +9,13 @@ from pathlib import Path
 
 import comfy_kitchen
 import torch
+from model_files import comfy_quant_tensor
 from safetensors.torch import save_file
 from tokenizers import AddedToken
 from transformers import GptOssConfig as HFConfig
 from transformers import GptOssModel
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from model_files import comfy_quant_tensor
 from lens_core.text.tokenizer import BUNDLED_RANKS, HARMONY_SPECIAL_TOKENS, O200K_PATTERN
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_files import random_dit_state, write_single
 from safetensors.torch import load_file, save_file
+from te_files import golden_te_folder, hf_reference, write_comfy_nvfp4
 
 from lens_core import LensFileError, load_dit, load_text_encoder, load_vae
 from lens_core.checkpoint.safetensors_reader import SafetensorsFile
-from model_files import random_dit_state, write_single
-from te_files import golden_te_folder, hf_reference, write_comfy_nvfp4
 
 
 def raw_file(path, header, data: bytes = b"") -> str:

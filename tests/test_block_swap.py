@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from model_files import TINY_DIT, random_dit_state, write_single
 
 from lens_core import LensDiT, LensInputError, apply_loras, load_dit
-from lens_core.dit.block_swap import auto_blocks_on_cpu
 from lens_core.demo import DEMO_DIT
-from model_files import TINY_DIT, random_dit_state, write_single
+from lens_core.dit.block_swap import auto_blocks_on_cpu
 
 META = torch.device("meta")
 

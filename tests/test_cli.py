@@ -102,11 +102,11 @@ def test_an_unusable_device_is_refused_before_loading(model_paths, no_loading, c
 
 
 def test_a_wrong_file_in_a_later_slot_is_found_before_anything_loads(tmp_path, no_loading, capsys):
+    from model_files import random_dit_state, write_single
     from safetensors.torch import save_file
+    from te_files import hf_reference, write_comfy_nvfp4
 
     from lens_core.demo import demo_vae
-    from model_files import random_dit_state, write_single
-    from te_files import hf_reference, write_comfy_nvfp4
 
     write_single(random_dit_state(), tmp_path / "dit.safetensors")
     write_comfy_nvfp4(hf_reference()[0], tmp_path / "te.safetensors")

@@ -5,9 +5,8 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-
 from pack import import_pack
+from torch import nn
 
 pack = import_pack()
 bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])

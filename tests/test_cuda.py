@@ -3,14 +3,13 @@ and the example workflows run end to end with every model on the GPU."""
 
 import pytest
 import torch
+from model_files import mxfp8_state, random_dit_state, write_single
 from safetensors.torch import save_file
+from test_nodes import NODES, WORKFLOWS, image_source, shrink
+from workflow_runner import NativeNodes, run_workflow
 
 from lens_core import load_dit
 from lens_core.dit.quant import MXFP8Linear
-from model_files import mxfp8_state, random_dit_state, write_single
-
-from test_nodes import NODES, WORKFLOWS, image_source, shrink
-from workflow_runner import NativeNodes, run_workflow
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

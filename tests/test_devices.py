@@ -7,13 +7,13 @@ one of its tensors in an op fails ("Tensor on device cpu is not on the expected 
 
 import pytest
 import torch
+from pack import import_pack
 
 from lens_core import LensDiT, LensInputError, sample
 from lens_core.demo import DEMO_DIT, DEMO_VAE
 from lens_core.device import default_device, resolve_compute
 from lens_core.vae.autoencoder import LensVAE
 from lens_core.vae.model import FluxVAEModel
-from pack import import_pack
 
 META = torch.device("meta")
 
@@ -172,9 +172,10 @@ def test_streamed_experts_stay_in_cpu_memory_and_decode_where_asked():
 
 def test_token_embedding_stays_in_cpu_memory_and_sends_only_the_looked_up_rows(golden, tmp_path):
     """The 1.16 GB table never moves or casts; a forward in another dtype or on another device gets the prompt's rows."""
+    from te_files import golden_te_folder
+
     from lens_core import load_text_encoder
     from lens_core.device import device_bytes, model_bytes
-    from te_files import golden_te_folder
 
     folder = golden_te_folder(golden, tmp_path)
     encoder = load_text_encoder(folder, device="cpu", dtype=torch.float32)

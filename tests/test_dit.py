@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from model_files import TINY_DIT, random_dit_state, write_single
+from reference_dit import reference_forward
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lens_core import latent_to_tokens, load_dit, tokens_to_latent
 from lens_core.errors import LensInputError
-from model_files import TINY_DIT, random_dit_state, write_single
-from reference_dit import reference_forward
 
 
 def golden_cases(golden, file="dit_tiny_cases.safetensors"):

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from model_files import dequantised, mxfp8_state, random_dit_state, write_diffusers_shards, write_single
 from safetensors.torch import save_file
 
 from lens_core import LensFileError, load_dit
 from lens_core.checkpoint.safetensors_reader import fingerprint as fingerprint_of
 from lens_core.dit.quant import MXFP8Linear
-from model_files import dequantised, mxfp8_state, random_dit_state, write_diffusers_shards, write_single
 
 
 @pytest.fixture(scope="module")

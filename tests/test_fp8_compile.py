@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 from safetensors.torch import save_file
 
 from lens_core import DiTConfig, LensDiT, LensInputError, apply_loras, load_dit
 from lens_core.device import model_bytes
 from lens_core.dit.quant import Fp8Linear, MXFP8Linear, to_fp8_weights
-from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 
 
 def inputs(batch_mask=((True,) * 6, (True,) * 2 + (False,) * 4), grid=(4, 5)):

@@ -5,7 +5,6 @@ Their README is the repository's own (it points at the repository's documentatio
 import hashlib
 
 import pytest
-
 from conftest import SHARED_GOLDEN, SHIPPED_GOLDEN
 
 

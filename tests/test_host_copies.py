@@ -11,13 +11,13 @@ import platform
 
 import pytest
 import torch
+from pack import import_pack
 
 from lens_core import apply_loras
-from lens_core.memory import pinned
 from lens_core.demo import DEMO_DIT, demo_dit, demo_text_encoder, demo_vae
 from lens_core.dit.lora import LoRA, LoRALayer
+from lens_core.memory import pinned
 from lens_core.memory.host_copies import chunks, host_copies_of, pin_in_place
-from pack import import_pack
 
 META = torch.device("meta")
 

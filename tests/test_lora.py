@@ -4,11 +4,11 @@ import logging
 
 import pytest
 import torch
+from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 from safetensors.torch import save_file
 
 from lens_core import LensFileError, apply_loras, load_dit, load_lora
 from lens_core.dit.lora import LoRALinear
-from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 
 # Layers a Lens LoRA trains: qkv, attention outputs, MLP, modulation in the blocks, and the top-level layers.
 TARGETS = ["transformer_blocks.0.attn.img_qkv", "transformer_blocks.1.attn.txt_qkv", "transformer_blocks.0.attn.to_out.0",

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from pack import ROOT, import_pack
 from workflow_runner import NativeNodes, run_workflow, widget_names
 
@@ -431,9 +430,9 @@ def test_concurrent_loads_of_one_file_load_it_once(models_dir, monkeypatch):
 def test_text_encoder_placement_auto_streams_experts_only_where_the_gpu_is_too_small(monkeypatch):
     from types import SimpleNamespace
 
-    from lens_core.memory import placement
     from lens_core.demo import demo_text_encoder
     from lens_core.device import model_bytes
+    from lens_core.memory import placement
 
     gb = 10**9
     assert not placement.streams_experts_to_fit(int(11.4 * gb), 16 * gb)  # the real encoder on a 16 GB card

@@ -8,7 +8,6 @@ import sys
 import zipfile
 
 import pytest
-
 from pack import ROOT
 
 pytest.importorskip("setuptools", reason="building the wheel needs setuptools (requirements-test.txt installs it)")

@@ -8,12 +8,12 @@ import gc
 import logging
 
 import torch
+from cuda_stand_in import RecordingCudart
+from model_files import TINY_DIT, random_dit_state, write_single
 
 from lens_core import load_dit
 from lens_core.memory import pinned
 from lens_core.memory.pinned import ALIGNMENT, PinnedGroup
-from cuda_stand_in import RecordingCudart
-from model_files import TINY_DIT, random_dit_state, write_single
 
 
 def example_tensors():

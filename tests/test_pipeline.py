@@ -4,16 +4,16 @@ import json
 
 import pytest
 import torch
+from model_files import random_dit_state, write_single
 from PIL import Image
 from safetensors.torch import save_file
+from te_files import hf_reference, write_comfy_nvfp4
 
 from lens_core import LensInputError
 from lens_core.cli import main
 from lens_core.demo import DEMO_VAE, demo_models, demo_vae
 from lens_core.pipeline import LensPipeline
 from lens_core.presets import BUCKETS, bucket_size, check_variant_settings, guess_variant, size_warnings
-from model_files import random_dit_state, write_single
-from te_files import hf_reference, write_comfy_nvfp4
 
 
 def test_buckets_are_trained_sizes():

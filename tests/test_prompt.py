@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from te_files import build_tokenizer_json, golden_te_folder, hf_reference, write_comfy_nvfp4
 
 from lens_core import LensFileError, PromptCache, encode_prompts, load_text_encoder, load_tokenizer, render_and_tokenize
 from lens_core.text.prompt import MAX_TOKENS, PREFIX_TOKENS, render_prompt
-from te_files import build_tokenizer_json, golden_te_folder, hf_reference, write_comfy_nvfp4
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from te_files import golden_te_folder, hf_features, hf_reference, write_comfy_nvfp4, write_hf_dense
 
 from lens_core import LensFileError, load_text_encoder
 from lens_core.text.experts import MXFP4Bank, NVFP4Bank, dequantize_mxfp4
-from te_files import golden_te_folder, hf_features, hf_reference, write_comfy_nvfp4, write_hf_dense
 
 
 def test_golden_mxfp4_features(golden, tmp_path):

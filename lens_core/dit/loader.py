@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ..device import resolve_compute
-from ..errors import LensFileError, LensInputError
 from ..checkpoint.identify import find_key_prefix
-from .quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
 from ..checkpoint.safetensors_reader import Checkpoint, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
+from ..device import resolve_compute
+from ..errors import LensFileError, LensInputError
 from .model import DiTConfig, LensDiT
+from .quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
 
 log = logging.getLogger("lens_core")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LensFileError, LensInputError
 from ..checkpoint.identify import describe, placement_hint
 from ..checkpoint.safetensors_reader import SafetensorsFile
+from ..errors import LensFileError, LensInputError
 
 log = logging.getLogger("lens_core")
 

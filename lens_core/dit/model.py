@@ -21,7 +21,7 @@ from ..errors import LensInputError
 from ..memory.host_copies import host_copies_of, move_module
 from ..norms import RMSNorm
 from .block_swap import BlockSwap
-from .rope import rope_frequencies, apply_rope
+from .rope import apply_rope, rope_frequencies
 
 TEXT_MASK_MODES = ("every_block", "first_block")
 ATTENTION_BACKENDS = ("sdpa", "sage")

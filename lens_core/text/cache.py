@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import LensFileError
 from ..checkpoint.safetensors_reader import SafetensorsFile
+from ..errors import LensFileError
 from .prompt import template_date
 
 log = logging.getLogger("lens_core")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..device import resolve_compute
-from ..errors import LensFileError
 from ..checkpoint.identify import find_key_prefix
 from ..checkpoint.safetensors_reader import Checkpoint, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
+from ..device import resolve_compute
+from ..errors import LensFileError
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
 

@@ -11,11 +11,11 @@ import re
 
 import torch
 
-from ..device import resolve_compute
-from ..errors import LensFileError
 from ..checkpoint.identify import describe, placement_hint
 from ..checkpoint.safetensors_reader import Checkpoint, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint
+from ..device import resolve_compute
+from ..errors import LensFileError
 from .autoencoder import LensVAE
 from .model import FluxVAEModel, VAEConfig
 
