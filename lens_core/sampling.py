@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .dit.layout import latent_to_tokens, tokens_to_latent
+from .dit.model import DiTConfig, check_text_features
 from .errors import LensInputError, require_finite
 
 # The FLUX.2 empirical shift rule: mu as a function of image tokens L and steps N.
@@ -165,18 +166,29 @@ def _join_masks(first: torch.Tensor | None, second: torch.Tensor | None, like: t
     return torch.cat([full if first is None else first, full if second is None else second])
 
 
-def check_text_features(dit, features: torch.Tensor, which: str) -> None:
-    """Refuse text features the denoiser cannot take, before the first step."""
-    cfg = dit.config
-    if features.ndim != 4 or features.shape[2:] != (cfg.text_layers, cfg.text_width):
-        raise LensInputError(
-            f"the {which} text features have shape {list(features.shape)}; this denoiser takes "
-            f"GPT-OSS features [B, S, {cfg.text_layers}, {cfg.text_width}] from the Lens text encoder (GPT-OSS-20B)."
-        )
-
-
 class Cancelled(Exception):
     """Raised inside `sample` when the caller's cancellation check says stop."""
+
+
+def check_sample_inputs(config: DiTConfig, noise: torch.Tensor, cond, uncond, steps: int, cfg: float, denoise: float = 1.0,
+                        init_latent: torch.Tensor | None = None) -> None:
+    """Everything `sample` refuses, checked before any work: the nodes call it before the denoiser goes to the GPU."""
+    if noise.ndim != 4 or noise.shape[1] != config.in_channels:
+        raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; this denoiser's latent is "
+                             f"[B, {config.in_channels}, H/16, W/16].")
+    check_settings(steps, cfg, denoise)
+    use_cfg = cfg != 1.0
+    if use_cfg and uncond is None:
+        raise LensInputError("cfg != 1 needs a negative (unconditional) conditioning; pass an empty negative prompt for none.")
+    for which, text in (("positive", cond), ("negative", uncond if use_cfg else None)):
+        if text is not None:
+            check_text_features(config, text[0], which)
+            require_finite(text[0], f"the {which} conditioning", "Encode the prompt again; if it still happens, the "
+                                                                 "text encoder's weights or a node between it and the "
+                                                                 "sampler are at fault.")
+    if init_latent is not None and denoise < 1.0:
+        require_finite(init_latent, "the input latent", "Re-encode the image (its pixels may hold NaN) or check the "
+                                                        "node that made the latent.")
 
 
 def sample(
@@ -208,24 +220,10 @@ def sample(
     runs (state x and sigmas in float32, text in the denoiser's dtype). The x0 estimates handed to
     `callback` and the returned latent (float32) live on `dit.device` too.
     """
-    channels = dit.config.in_channels
-    if noise.ndim != 4 or noise.shape[1] != channels:
-        raise LensInputError(f"noise/latent has shape {tuple(noise.shape)}; this denoiser's latent is [B, {channels}, H/16, W/16].")
-    check_settings(steps, cfg, denoise)
+    check_sample_inputs(dit.config, noise, cond, uncond, steps, cfg, denoise, init_latent)
     batch, _, h, w = noise.shape
     use_cfg = cfg != 1.0
-    if use_cfg and uncond is None:
-        raise LensInputError("cfg != 1 needs a negative (unconditional) conditioning; pass an empty negative prompt for none.")
     sigmas = _img2img_sigmas(steps, denoise, h, w, shift)
-    for which, text in (("positive", cond), ("negative", uncond if use_cfg else None)):
-        if text is not None:
-            check_text_features(dit, text[0], which)
-            require_finite(text[0], f"the {which} conditioning", "Encode the prompt again; if it still happens, the "
-                                                                 "text encoder's weights or a node between it and the "
-                                                                 "sampler are at fault.")
-    if init_latent is not None and denoise < 1.0:
-        require_finite(init_latent, "the input latent", "Re-encode the image (its pixels may hold NaN) or check the "
-                                                        "node that made the latent.")
     padding_is_inert = getattr(dit, "text_mask", None) == "every_block"
     cond = _expand_batch(*cond, batch)
     if padding_is_inert:

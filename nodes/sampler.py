@@ -8,7 +8,7 @@ import torch
 
 from ..lens_core import sample
 from ..lens_core.presets import LIMITS, check_variant_settings
-from ..lens_core.sampling import check_text_features, make_noise
+from ..lens_core.sampling import check_sample_inputs, make_noise
 from ..lens_core.vae.latent import latent_preview
 from .comfy_bridge import Progress, check_cancel, intermediate_device
 from .common import CATEGORY, LENS_CHANNELS, check_latent
@@ -47,12 +47,10 @@ def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
     layers = dit.config.text_layers
     cond = from_conditioning(positive, layers, "positive")
     uncond = from_conditioning(negative, layers, "negative") if negative is not None and cfg != 1.0 else None
-    check_text_features(dit, cond[0], "positive")
-    if uncond is not None:
-        check_text_features(dit, uncond[0], "negative")
     check_variant_settings(model.extras.get("variant", "lens"), steps, cfg)
     noise = make_noise(seed, tuple(samples.shape), convention="comfy", batch_index=latent.get("batch_index"))
     img2img = denoise < 1.0
+    check_sample_inputs(dit.config, noise, cond, uncond, steps, cfg, denoise, samples if img2img else None)
     progress = Progress(steps)
     show_previews = progress.shows_previews
 

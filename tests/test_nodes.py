@@ -219,6 +219,26 @@ def test_bad_inputs_give_messages(models_dir, caplog):
     assert "snapped to 1008x3008" in caplog.text and "outside the trained" in caplog.text
 
 
+def test_sampler_refuses_bad_inputs_before_the_model_moves(models_dir, monkeypatch):
+    """A NaN conditioning or a bad setting must fail before 8 GB of denoiser go to the GPU."""
+    LensInputError = __import__(pack.__name__ + ".lens_core", fromlist=["x"]).LensInputError
+
+    model, te, _ = NODES["LensPackModelLoader"]().load("lens_bf16.safetensors", "gpt_oss_20b_nvfp4.safetensors",
+                                                       "flux2-vae.safetensors", "auto", "fp32", False, "gpu")
+    positive, negative = NODES["LensPackTextEncode"]().encode(te, "x", "")
+
+    def moved():
+        raise AssertionError("the model was moved before its inputs were checked")
+
+    monkeypatch.setattr(model, "use", moved)
+    nan_positive = [[torch.full_like(positive[0][0], float("nan")), positive[0][1]]]
+    latent = {"samples": torch.zeros(1, 128, 2, 2)}
+    with pytest.raises(LensInputError, match="the positive conditioning holds NaN"):
+        NODES["LensPackSampler"]().run(model, nan_positive, negative, latent, 0, 2, 5.0, 1.0)
+    with pytest.raises(LensInputError, match="cfg must be >= 0"):
+        NODES["LensPackSampler"]().run(model, positive, negative, latent, 0, 2, -1.0, 1.0)
+
+
 def test_non_finite_and_odd_inputs_give_messages(models_dir):
     LensInputError = __import__(pack.__name__ + ".lens_core", fromlist=["x"]).LensInputError  # the pack's own copy
 

@@ -45,6 +45,15 @@ class DiTConfig:
     head_dim: int = 64
 
 
+def check_text_features(config: DiTConfig, features: torch.Tensor, which: str) -> None:
+    """Refuse text features a denoiser of this config cannot take. `which`: "positive", "negative" or ""."""
+    if features.ndim != 4 or features.shape[2:] != (config.text_layers, config.text_width):
+        raise LensInputError(
+            f"the {which + ' ' if which else ''}text features have shape {list(features.shape)}; this denoiser takes "
+            f"GPT-OSS features [B, S, {config.text_layers}, {config.text_width}] from the Lens text encoder (GPT-OSS-20B)."
+        )
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -336,11 +345,7 @@ class LensDiT(nn.Module):
                 f"image tokens have shape {tuple(x.shape)}; expected [B, {h}*{w}={h * w}, {cfg.in_channels}] "
                 f"for a {h}x{w} latent grid. Is this a Lens latent (128 channels)?"
             )
-        if text.ndim != 4 or text.shape[2:] != (cfg.text_layers, cfg.text_width):
-            raise LensInputError(
-                f"text features have shape {tuple(text.shape)}; this denoiser expects "
-                f"[B, S, {cfg.text_layers}, {cfg.text_width}]. Use the Lens text encoder (GPT-OSS-20B) for this model."
-            )
+        check_text_features(cfg, text, "")
         if text_mask is not None and text_mask.shape != text.shape[:2]:
             raise LensInputError(f"text mask shape {tuple(text_mask.shape)} does not match text features {tuple(text.shape[:2])}.")
         if sigma.shape != (x.shape[0],) or text.shape[0] != x.shape[0]:
