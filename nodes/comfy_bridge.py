@@ -32,27 +32,34 @@ except ImportError:
     comfy_args = None
 
 
-class ComfyUIPinnedLedger:
-    """ComfyUI's own page-locked memory budget and running total (`MAX_PINNED_MEMORY`, `TOTAL_PINNED_MEMORY` in
-    comfy.model_management, where a ComfyUI version page-locks weights itself): the pack's page-locked memory counts
-    in the same total, so both together stay within ComfyUI's budget, and --disable-pinned-memory applies to it."""
+try:
+    import comfy.memory_management as memory_management
+except ImportError:
+    memory_management = None
 
-    def __init__(self, management):
-        self.management = management
+# The methods LensModelPatcher (comfy_models.py) replaces: a ComfyUI whose ModelPatcher lacks one would never call it.
+PATCHER_METHODS = ("loaded_size", "lowvram_patch_counter", "current_loaded_device", "partially_load", "partially_unload",
+                   "unpatch_model", "detach")
 
-    def reserve(self, nbytes: int) -> bool:
-        management = self.management
-        if management.MAX_PINNED_MEMORY <= 0 or management.TOTAL_PINNED_MEMORY + nbytes > management.MAX_PINNED_MEMORY:
-            return False
-        management.TOTAL_PINNED_MEMORY += nbytes
-        return True
-
-    def release(self, nbytes: int) -> None:
-        self.management.TOTAL_PINNED_MEMORY -= nbytes
+if model_management is not None and hasattr(model_management, "pin_memory") and hasattr(model_management, "unpin_memory"):
+    pinned.provider = pinned.ComfyUIPinnedMemory(model_management)  # ComfyUI's page-locking and budget, not the pack's own
 
 
-if model_management is not None and hasattr(model_management, "MAX_PINNED_MEMORY") and hasattr(model_management, "TOTAL_PINNED_MEMORY"):
-    pinned.ledger = ComfyUIPinnedLedger(model_management)
+def dynamic_vram() -> bool:
+    """Whether ComfyUI runs with dynamic VRAM (its own weight streaming, which loads models in a worker thread)."""
+    return bool(getattr(memory_management, "aimdo_enabled", False))
+
+
+def model_manager_takes_lens_models() -> bool:
+    """Whether Lens models go through ComfyUI's model manager (comfy_models.py), decided from the API that is present,
+    never from an error (with dynamic VRAM an error raised while loading reaches only ComfyUI's loader thread): a
+    ComfyUI with `load_models_gpu` and the classic ModelPatcher, without dynamic VRAM. Otherwise the nodes move the
+    models themselves, after asking ComfyUI to free the memory (managed.py)."""
+    if model_management is None or model_patcher is None or dynamic_vram():
+        return False
+    base = getattr(model_patcher, "ModelPatcher", None)
+    return hasattr(model_management, "load_models_gpu") and base is not None and all(hasattr(base, m) for m in PATCHER_METHODS)
+
 
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),
            "loras": ("loras",)}

@@ -2,13 +2,12 @@
 
 Inside ComfyUI each model is handed to ComfyUI's model manager (see comfy_models.py), which keeps it on the GPU
 between runs while memory allows and unloads it when other nodes need the room. Outside ComfyUI, or where a
-ComfyUI version's manager cannot take it, the model moves to the GPU before use and back after (unless
-"keep loaded"), after asking ComfyUI to free that much memory.
+ComfyUI's manager cannot take it (decided up front, comfy_bridge.model_manager_takes_lens_models), the model
+moves to the GPU before use and back after (unless "keep loaded"), after asking ComfyUI to free that much memory.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from ..lens_core.device import device_bytes
 from . import comfy_bridge
 from .comfy_bridge import compute_device, free_memory_for, offload_device, release_memory
 from .comfy_models import move_model, patcher_for
-
-log = logging.getLogger("lens_core")
 
 
 @dataclass
@@ -38,15 +35,11 @@ class Managed:
     prepare: Callable[[object], None] | None = None
 
     def _load_through_comfyui(self) -> bool:
-        """Let ComfyUI's manager load the model; False outside ComfyUI or where its API differs."""
-        if comfy_bridge.model_management is None or comfy_bridge.model_patcher is None or self.device.type == "cpu":
+        """Let ComfyUI's manager load the model, where it takes Lens models (comfy_bridge.model_manager_takes_lens_models)."""
+        if self.device.type == "cpu" or not comfy_bridge.model_manager_takes_lens_models():
             return False
-        try:
-            patcher = patcher_for(self.model, self.device, offload_device(), comfy_bridge.model_patcher.ModelPatcher)
-            comfy_bridge.model_management.load_models_gpu([patcher], force_full_load=True)
-        except (TypeError, AttributeError) as e:
-            log.warning("Lens: this ComfyUI's model manager cannot take the Lens models (%s); moving them by hand", e)
-            return False
+        patcher = patcher_for(self.model, self.device, offload_device(), comfy_bridge.model_patcher.ModelPatcher)
+        comfy_bridge.model_management.load_models_gpu([patcher], force_full_load=True)
         return True
 
     @contextmanager
