@@ -70,10 +70,10 @@ def round_trips(model, device: str, nbytes: int) -> dict:
     """GB/s of each direction: from ordinary memory (baseline), the first trip with page-locked copies, a later one."""
     from lens_core.memory import pinned
 
-    budget = pinned.ledger
-    pinned.ledger = pinned.Ledger(0)
+    provider = pinned.provider
+    pinned.provider = pinned.TorchPinnedMemory(0)
     trips = {"ordinary": (timed_move(model, device), timed_move(model, "cpu"))}
-    pinned.ledger = budget
+    pinned.provider = provider
     trips["first"] = (timed_move(model, device), timed_move(model, "cpu"))
     trips["later"] = (timed_move(model, device), timed_move(model, "cpu"))
     return {f"{name}_{way}_gb_per_s": round(nbytes / seconds / 1e9, 1)

@@ -113,23 +113,21 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _bank_bytes(module) -> int:
-    """The text encoder's packed expert banks (plain objects, not parameters or buffers)."""
-    return sum(bank.nbytes() for bank in module.expert_banks()) if hasattr(module, "expert_banks") else 0
-
-
 def model_bytes(model) -> int:
-    """Bytes of a model's weights, packed expert banks included (what it takes on its device)."""
+    """Bytes of a model's weights (parameters and buffers: packed expert banks and fp8 weights are buffers)."""
     module = getattr(model, "model", model)
-    return _tensor_bytes([*module.parameters(), *module.buffers()]) + _bank_bytes(module)
+    return _tensor_bytes([*module.parameters(), *module.buffers()])
 
 
 def device_bytes(model) -> int:
-    """What a model takes on its device: its weights less what stays in CPU memory by design (a model says so with
-    `cpu_resident_bytes()`: the blocks a block swap keeps there, the text encoder's token embedding and streamed
+    """What a model takes on its device: its weights less what stays in CPU memory by design (a model names it
+    with `cpu_resident()`: the blocks a block swap keeps there, the text encoder's token embedding and streamed
     expert banks)."""
-    resident = getattr(model, "cpu_resident_bytes", None)
-    return model_bytes(model) - (resident() if resident is not None else 0)
+    module = getattr(model, "model", model)
+    resident = getattr(module, "cpu_resident", None)
+    stays = tuple(resident()) if resident is not None else ()
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return _tensor_bytes(t for name, t in named if not name.startswith(stays))
 
 
 def describe(what: str, model, runs_on: torch.device | None = None) -> str:

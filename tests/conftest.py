@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cuda_stand_in import RecordingCudart  # noqa: E402 (needs the path above)
+from cuda_stand_in import RecordingPinnedMemory  # noqa: E402 (needs the path above)
 
 from lens_core.memory import pinned  # noqa: E402
 
@@ -48,7 +48,6 @@ def _private_prompt_cache(tmp_path_factory, monkeypatch):
 def models_dir(tmp_path_factory):
     """A ComfyUI models folder of tiny random files in the real formats, under the names Comfy-Org publishes,
     set as the pack's models folder (for the node and workflow tests)."""
-    import torch
     from model_files import random_dit_state, write_single
     from pack import import_pack
     from safetensors.torch import save_file
@@ -76,10 +75,8 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def cudart(monkeypatch):
-    """CUDA "available", registration recorded, and a fresh page-locked budget of 1 GB for the test."""
-    fake = RecordingCudart()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
-    monkeypatch.setattr(pinned, "ledger", pinned.Ledger(1 << 30))
+def pinning(monkeypatch):
+    """Page-locked memory handed out and recorded by a stand-in provider, within a fresh budget of 1 GB."""
+    fake = RecordingPinnedMemory()
+    monkeypatch.setattr(pinned, "provider", fake)
     return fake

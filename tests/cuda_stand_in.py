@@ -1,29 +1,34 @@
-"""CUDA's host registration, recorded, for machines without a GPU: which memory would be page-locked, how much,
-and when it is released."""
+"""Page-locked memory, recorded, for machines without a GPU: which buffers a provider handed out, how large, and
+when they were given back."""
+
+import torch
 
 
-class RecordingCudart:
-    """torch.cuda.cudart()'s host-registration calls, recorded; `refuse` makes registration fail like a driver would."""
+class RecordingPinnedMemory:
+    """A page-locked memory provider (lens_core.memory.pinned) that hands out ordinary CPU buffers within `limit`
+    bytes and records them: `allocated` {data pointer: bytes} of the live ones, `freed` the pointers given back."""
 
-    class cudaError:
-        success = 0
+    def __init__(self, limit: int = 1 << 30):
+        self.limit = limit
+        self.allocated: dict[int, int] = {}
+        self.freed: list[int] = []
 
-    def __init__(self, refuse: bool = False):
-        self.refuse = refuse
-        self.registered: dict[int, int] = {}
-        self.unregistered: list[int] = []
+    @property
+    def used(self) -> int:
+        return sum(self.allocated.values())
 
-    def cudaHostRegister(self, ptr, size, flags):
-        if self.refuse:
-            return 2  # cudaErrorMemoryAllocation
-        assert flags == 0 and ptr not in self.registered
-        self.registered[ptr] = size
-        return 0
+    def allocate(self, nbytes: int):
+        if self.used + nbytes > self.limit:
+            return None
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.allocated[buffer.data_ptr()] = nbytes
+        return buffer
 
-    def cudaHostUnregister(self, ptr):
-        assert ptr in self.registered and ptr not in self.unregistered
-        self.unregistered.append(ptr)
-        return 0
+    def free(self, buffer) -> None:
+        assert buffer.data_ptr() in self.allocated, "given back twice, or never handed out"
+        del self.allocated[buffer.data_ptr()]
+        self.freed.append(buffer.data_ptr())
 
-    def cudaGetErrorString(self, error):
-        return "out of memory"
+    def holds(self, tensor) -> bool:
+        """Whether `tensor`'s memory lies in a live page-locked buffer."""
+        return any(start <= tensor.data_ptr() < start + size for start, size in self.allocated.items())

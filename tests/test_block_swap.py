@@ -48,7 +48,8 @@ def test_swapped_blocks_with_loras(dit_file, tmp_path):
 
 def test_swapped_blocks_stay_on_the_cpu_and_stream_to_the_compute_device():
     """The compute device here is `meta` (it fails on a CPU tensor as CUDA does): the swapped blocks' weights
-    stay on the CPU through a move of the model, and every forward streams them over."""
+    stay on the CPU through a move of the model, and every forward streams them over. A plain `.to()` moves them
+    too (then nothing streams) and the forward still runs."""
     with META:
         dit = LensDiT(DEMO_DIT)
     for block in dit.transformer_blocks:
@@ -57,11 +58,14 @@ def test_swapped_blocks_stay_on_the_cpu_and_stream_to_the_compute_device():
     for index, block in enumerate(dit.transformer_blocks):
         if index != 1:
             block.to_empty(device=META)
-    dit.to(META)
+    dit.move(META)
     assert dit.device == META and next(dit.transformer_blocks[1].parameters()).device.type == "cpu"
     features = torch.randn(1, 4, DEMO_DIT.text_layers, DEMO_DIT.text_width)
     out = dit(torch.randn(1, 6, 128), torch.rand(1), features, None, (2, 3))
     assert out.device == META and next(dit.transformer_blocks[1].parameters()).device.type == "cpu"
+    dit.to(META)
+    assert all(t.device == META for t in dit.parameters())
+    assert dit(torch.randn(1, 6, 128), torch.rand(1), features, None, (2, 3)).device == META
 
 
 def test_block_counts():
@@ -71,3 +75,50 @@ def test_block_counts():
     assert auto_blocks_on_cpu(8 * gb, gb // 8, 48, free_bytes=24 * gb) == 0
     assert auto_blocks_on_cpu(8 * gb, gb // 8, 48, free_bytes=8 * gb) == 32  # 4 GB short at 1/8 GB a block
     assert auto_blocks_on_cpu(8 * gb, gb // 8, 48, free_bytes=gb) == 47
+
+
+class RecordingStream:
+    """A CUDA stream as BlockSwap uses it, recording into `events`: who waits for whom."""
+
+    def __init__(self, name, events):
+        self.name, self.events, self.device = name, events, META
+
+    def wait_stream(self, other):
+        self.events.append(f"{self.name} waits for {other.name}")
+
+
+def test_swapped_blocks_are_copied_one_swapped_block_ahead_on_the_side_stream(monkeypatch):
+    """The stream logic that a CPU run skips (there a copy is an identity), recorded: each copy runs on the side
+    stream after the compute stream's earlier work, the next swapped block's copy starts before the current one
+    runs, and the compute stream waits for a block's copy (and marks its memory as used there) before running it."""
+    from contextlib import contextmanager
+
+    from lens_core.dit.block_swap import BlockSwap
+
+    events = []
+    compute, side = RecordingStream("compute", events), RecordingStream("side", events)
+
+    @contextmanager
+    def on_stream(stream):
+        events.append(f"copy on {stream.name}")
+        yield
+
+    monkeypatch.setattr(BlockSwap, "_side_stream", lambda self, device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: recorded.append((tensor.device, stream.name)))
+    cfg = DEMO_DIT.__class__(**{**DEMO_DIT.__dict__, "blocks": 4})
+    dit = LensDiT(cfg)
+    dit.swap_blocks(2)
+    dit.move(META)
+    for index, block in enumerate(dit.transformer_blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: events.append(f"run {index}"))
+    features = torch.randn(1, 4, cfg.text_layers, cfg.text_width)
+    out = dit(torch.randn(1, 6, 128), torch.rand(1), features, None, (2, 3))
+    assert out.device == META  # the swapped blocks ran with copies of their weights on the compute device
+    assert events == ["side waits for compute", "copy on side", "run 0", "run 1",
+                      "side waits for compute", "copy on side", "compute waits for side", "run 2",
+                      "compute waits for side", "run 3"]
+    per_block = len([*dit.transformer_blocks[2].parameters(), *dit.transformer_blocks[2].buffers()])
+    assert recorded == [(META, "compute")] * (2 * per_block)

@@ -95,7 +95,7 @@ class MetaDenoiserModule(MetaDenoiser):
     def parameters(self):
         return iter(())
 
-    buffers = parameters
+    buffers = named_parameters = named_buffers = parameters
 
     def move(self, device, keep_host_copy=False):
         return self

@@ -1,19 +1,21 @@
-"""Streamed weights are page-locked at their exact size (one registered buffer per group), and released with it.
+"""Page-locked copies are cut from slabs at aligned offsets, a slab is no larger than needed and goes back to its
+provider when its last copy is gone; the budget holds; inside ComfyUI, ComfyUI's own functions lock the pages.
 
-Without a GPU, CUDA's host registration is a recording stand-in: what is checked is which memory is registered,
-how much, and that it is unregistered exactly once, when its owner lets go (while the memory is still allocated).
+Without a GPU the provider is a recording stand-in (the `pinning` fixture): what is checked is which buffers are
+handed out, how large, and that each is given back exactly once, when nothing uses it any more.
 """
 
 import gc
 import logging
+import platform
 
+import pytest
 import torch
-from cuda_stand_in import RecordingCudart
-from model_files import TINY_DIT, random_dit_state, write_single
+from cuda_stand_in import RecordingPinnedMemory
+from torch import nn
 
-from lens_core import load_dit
 from lens_core.memory import pinned
-from lens_core.memory.pinned import ALIGNMENT, PinnedGroup
+from lens_core.memory.pinned import ALIGNMENT, Pool, footprint
 
 
 def example_tensors():
@@ -21,87 +23,121 @@ def example_tensors():
             torch.randn(4, 4).to(torch.float8_e4m3fn), torch.zeros(0, 3), torch.tensor([True, False, True])]
 
 
-def test_copies_pack_into_one_buffer_on_page_boundaries():
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_copies_share_one_slab_of_their_size_at_aligned_offsets(pinning):
     tensors = example_tensors()
-    group = PinnedGroup(tensors)
-    assert not group.pinned  # no CUDA here: ordinary memory
-    start = group.buffer.data_ptr()
-    assert start % ALIGNMENT == 0 and group.buffer.numel() % ALIGNMENT == 0  # whole pages: no page shared with others
-    for original, copy in zip(tensors, group.tensors):
+    pool = Pool(tensors)
+    copies = [pool.empty_like(t) for t in tensors]
+    for original, copy in zip(tensors, copies):
+        copy.copy_(original)
         assert copy.dtype == original.dtype and copy.shape == original.shape
         assert torch.equal(copy.reshape(-1).view(torch.uint8), original.reshape(-1).view(torch.uint8))  # bit for bit
-        assert copy.untyped_storage().data_ptr() == group.buffer.untyped_storage().data_ptr()
-        assert copy.numel() == 0 or (copy.data_ptr() - start) % ALIGNMENT == 0  # an empty tensor has no address
-    exact = sum(t.numel() * t.element_size() for t in tensors)
-    assert exact <= group.buffer.numel() < exact + len(tensors) * ALIGNMENT
+    [(start, size)] = pinning.allocated.items()
+    assert size == sum(map(footprint, tensors)) < nbytes(tensors) + len(tensors) * ALIGNMENT
+    assert all(pinning.holds(c) and (c.data_ptr() - start) % ALIGNMENT == 0 for c in copies if c.numel())
 
 
-def test_buffer_is_registered_once_and_unregistered_when_the_group_goes(cudart):
-    group = PinnedGroup(example_tensors())
-    ptr, size = group.buffer.data_ptr(), group.buffer.numel()
-    assert group.pinned and cudart.registered == {ptr: size}
-    views = group.tensors
-    del group
+def test_slabs_are_at_most_slab_bytes_and_a_larger_tensor_gets_its_own(pinning, monkeypatch):
+    monkeypatch.setattr(pinned, "SLAB_BYTES", 4 * ALIGNMENT)
+    tensors = [torch.zeros(ALIGNMENT, dtype=torch.uint8) for _ in range(6)] + [torch.zeros(9 * ALIGNMENT, dtype=torch.uint8)]
+    pool = Pool(tensors)
+    copies = [pool.empty_like(t) for t in tensors]
+    assert sorted(pinning.allocated.values()) == [4 * ALIGNMENT, 4 * ALIGNMENT, 9 * ALIGNMENT]
+    assert all(pinning.holds(c) for c in copies)
+
+
+def test_a_slab_goes_back_when_its_last_copy_is_gone(pinning):
+    tensors = example_tensors()
+    pool = Pool(tensors)
+    copies = [pool.empty_like(t) for t in tensors]
+    [start] = pinning.allocated
+    last = copies.pop()
+    del pool, copies
     gc.collect()
-    assert cudart.unregistered == [ptr]
-    assert views[0].data_ptr() == ptr  # the memory itself lives on while views use it
+    assert pinning.freed == []  # one copy still uses it
+    del last
+    gc.collect()
+    assert pinning.freed == [start] and pinning.allocated == {}
 
 
-def test_a_refused_registration_is_cleared_logged_once_and_never_unregistered(monkeypatch, caplog):
-    refusing = RecordingCudart(refuse=True)
+def test_past_the_budget_the_rest_stays_ordinary_and_it_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(pinned, "provider", RecordingPinnedMemory(limit=2 * ALIGNMENT + 256))
+    monkeypatch.setattr(pinned, "SLAB_BYTES", 2 * ALIGNMENT)  # a slab is the unit the budget grants or refuses
+    monkeypatch.setattr(pinned, "_refusal_logged", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
-    monkeypatch.setattr(PinnedGroup, "_refusal_logged", False)
-    discarded = []
-    monkeypatch.setattr(pinned, "_discard_cuda_error", lambda: discarded.append(True))
+    tensors = [torch.zeros(ALIGNMENT, dtype=torch.uint8) for _ in range(4)]
     with caplog.at_level(logging.WARNING, logger="lens_core"):
-        groups = [PinnedGroup([torch.ones(1000)]) for _ in range(2)]
-    assert not any(g.pinned for g in groups) and torch.equal(groups[1].tensors[0], torch.ones(1000))
-    assert discarded == [True, True]  # each failure's leftover CUDA error is taken at once
-    assert [r.getMessage() for r in caplog.records if "page-lock" in r.getMessage()] == [
-        "Lens: the GPU driver refused to page-lock 0.00 GB of weights (out of memory); they stay in ordinary memory: "
-        "outputs are the same, their copies to the GPU are slower."]
-    del groups
+        first = Pool(tensors)
+        assert [first.empty_like(t) is not None for t in tensors] == [True, True, False, False]
+        assert Pool(tensors[:1]).empty_like(tensors[0]) is None
+    assert sum("no more page-locked memory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_without_cuda_pytorchs_provider_hands_out_nothing():
+    provider = pinned.TorchPinnedMemory(1 << 30)
+    assert provider.allocate(4096) is None and provider.used == 0
+
+
+class StandInComfyUIManagement:
+    """comfy.model_management's pin_memory / unpin_memory as ComfyUI has them: it registers a CPU tensor in place, only
+    parameter-typed, contiguous, not yet registered ones, within its budget, and keeps its own running total."""
+
+    def __init__(self, budget: int):
+        self.budget, self.registered, self.calls = budget, {}, []
+
+    def pin_memory(self, tensor) -> bool:
+        if type(tensor).__name__ != "Parameter" or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return False
+        size = tensor.numel() * tensor.element_size()
+        if tensor.data_ptr() in self.registered or sum(self.registered.values()) + size > self.budget:
+            return False
+        self.registered[tensor.data_ptr()] = size
+        self.calls.append("pin")
+        return True
+
+    def unpin_memory(self, tensor) -> bool:
+        self.calls.append("unpin")
+        return self.registered.pop(tensor.data_ptr(), None) is not None
+
+
+def test_inside_comfyui_its_own_functions_lock_the_pages_and_unlock_them_after_the_copies(monkeypatch):
+    management = StandInComfyUIManagement(budget=1 << 20)
+    monkeypatch.setattr(pinned, "provider", pinned.ComfyUIPinnedMemory(management))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: management.calls.append("synchronize"))
+    state = dict(vars(management))
+    copy = Pool([torch.ones(1000)]).empty_like(torch.ones(1000))
+    assert copy is not None and list(management.registered.values()) == [4096]
+    assert Pool([torch.ones(1 << 19)]).empty_like(torch.ones(1 << 19)) is None  # past ComfyUI's budget: ComfyUI says no
+    del copy
     gc.collect()
-    assert refusing.unregistered == []
+    assert management.calls == ["pin", "synchronize", "unpin"] and management.registered == {}
+    assert vars(management).keys() == state.keys()  # the pack set none of ComfyUI's globals
 
 
-def test_swapped_blocks_each_live_in_one_exact_size_registered_buffer(tmp_path, cudart):
-    cfg = TINY_DIT.__class__(**{**TINY_DIT.__dict__, "blocks": 4})
-    dit = load_dit(write_single(random_dit_state(cfg, seed=3), tmp_path / "dit.safetensors", dtype=torch.float32),
-                   device="cpu", dtype=torch.float32)
-    dit.swap_blocks(2)
-    assert len(cudart.registered) == 2
-    for index, (ptr, size) in zip((2, 3), cudart.registered.items()):
-        tensors = [*dit.transformer_blocks[index].parameters()]
-        exact = sum(t.numel() * t.element_size() for t in tensors)
-        assert exact <= size < exact + len(tensors) * ALIGNMENT
-        assert all(ptr <= t.data_ptr() < ptr + size for t in tensors)
-    dit.swap_blocks(0)  # the blocks' page-locked copies stay theirs: the model's CPU copy (see host_copies.py)
-    gc.collect()
-    assert cudart.unregistered == [] and len(cudart.registered) == 2
-    del dit, tensors
-    gc.collect()
-    assert sorted(cudart.unregistered) == sorted(cudart.registered)
+def test_comfyuis_page_locking_takes_the_slab_as_a_parameter():
+    class Recording:
+        def pin_memory(self, tensor):
+            self.got = tensor
+            return True
+
+    management = Recording()
+    buffer = pinned.ComfyUIPinnedMemory(management).allocate(4096)
+    assert isinstance(management.got, nn.Parameter) and buffer is management.got and not buffer.requires_grad
 
 
-def test_streamed_expert_banks_are_registered_per_bank_and_kept_while_the_encoder_is_away(cudart):
-    from lens_core.demo import demo_text_encoder
+@pytest.mark.parametrize("total_gb, windows, limit_gb", [(32, False, 28), (64, False, 57.6), (8, False, 4), (32, True, 12.8)])
+def test_default_budget_follows_comfyui(total_gb, windows, limit_gb):
+    assert pinned.default_limit(int(total_gb * pinned.GB), windows) == pytest.approx(limit_gb * pinned.GB, rel=1e-6)
 
-    encoder = demo_text_encoder()
-    ids = torch.randint(0, 1000, (1, 9))
-    before = encoder.features(ids, layers=(1, 3))
-    encoder.set_expert_streaming(True)
-    banks = encoder.expert_banks()
-    assert len(cudart.registered) == len(banks)
-    assert {bank.weights.data_ptr() for bank in banks} == set(cudart.registered)
-    assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
-    encoder.set_expert_streaming(False)
-    encoder.move(torch.device("meta"), keep_host_copy=True)  # page-locked copies of the rest too; the banks keep theirs
-    encoder.move(torch.device("cpu"))
-    assert {bank.weights.data_ptr() for bank in encoder.expert_banks()} <= set(cudart.registered)  # their own, back
-    assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
-    assert cudart.unregistered == []
-    del encoder, banks
-    gc.collect()
-    assert sorted(cudart.unregistered) == sorted(cudart.registered)
+
+def test_budget_can_be_set_from_the_environment(monkeypatch, caplog):
+    monkeypatch.setenv("LENS_PINNED_MEMORY_GB", "1.5")
+    assert pinned.limit_for_this_machine() == int(1.5 * pinned.GB)
+    monkeypatch.setenv("LENS_PINNED_MEMORY_GB", "lots")
+    with caplog.at_level(logging.WARNING, logger="lens_core"):
+        assert pinned.limit_for_this_machine() == pinned.default_limit(pinned._total_ram(), platform.system() == "Windows")
+    assert "LENS_PINNED_MEMORY_GB='lots' is not a number of gigabytes" in caplog.text

@@ -183,11 +183,12 @@ class LoRALinear(nn.Module):
 
 
 def _unshare(module: nn.Module) -> nn.Module:
-    """A shallow copy whose child table can be changed without touching the original (parameters stay shared).
+    """A shallow copy whose tables of children, parameters and buffers can be changed without touching the
+    original's (the parameter and buffer tensors themselves stay shared: the same weights, wherever they are).
 
     A compiled module's compiled call is bound to the original; the copy drops it (apply_loras compiles anew)."""
     clone = copy.copy(module)
-    clone._modules = dict(module._modules)
+    clone._modules, clone._parameters, clone._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
     clone.__dict__.pop("_compiled_call_impl", None)
     return clone
 

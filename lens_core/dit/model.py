@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import model_bytes
 from ..errors import LensInputError
-from ..memory.host_copies import host_copies_of, move_module
+from ..memory.host_copies import move_model
 from ..norms import RMSNorm
 from .block_swap import BlockSwap
 from .rope import apply_rope, rope_frequencies
@@ -265,8 +266,8 @@ class LensDiT(nn.Module):
 
     def swap_blocks(self, count: int) -> None:
         """Keep the last `count` blocks in CPU memory and stream them to the compute device as they run
-        (see block_swap.py); 0 keeps every block on the model's device. Moving the model leaves them on the CPU.
-        On a denoiser with LoRAs it changes the base's (shared) blocks."""
+        (see block_swap.py); 0 keeps every block on the model's device. On a denoiser with LoRAs it changes the
+        base's (shared) blocks."""
         if not 0 <= count < self.config.blocks:
             raise LensInputError(f"blocks on the CPU must be between 0 and {self.config.blocks - 1}, got {count}.")
         base = self.__dict__.get("base_model", self)
@@ -274,38 +275,22 @@ class LensDiT(nn.Module):
             return base.swap_blocks(count)
         if count == (len(self.block_swap.indices) if self.block_swap else 0):
             return
-        copies = host_copies_of(self)
-        if self.block_swap is not None:
-            device = self.device
-            for index in self.block_swap.indices:
-                move_module(self.transformer_blocks[index], device, copies=copies)
         blocks = self.config.blocks
-        self._block_swap = BlockSwap(self.transformer_blocks, list(range(blocks - count, blocks)), copies) if count else None
+        self._block_swap = BlockSwap(list(range(blocks - count, blocks))) if count else None
+        self.move(self.device)
         if count:
+            swapped = sum(model_bytes(self.transformer_blocks[i]) for i in self.block_swap.indices)
             log.info("Lens: %d of %d denoiser blocks stay in CPU memory (%.2f GB) and stream to the compute device as they run",
-                     count, blocks, self.block_swap.nbytes(self.transformer_blocks) / 1e9)
+                     count, blocks, swapped / 1e9)
 
-    def cpu_resident_bytes(self) -> int:
-        """What stays in CPU memory wherever the denoiser computes: the blocks a block swap keeps there."""
-        return self.block_swap.nbytes(self.transformer_blocks) if self.block_swap is not None else 0
-
-    def _apply(self, fn, recurse=True):
-        """Moves and casts skip the swapped blocks: they stay in CPU memory (see swap_blocks)."""
-        swap = self.block_swap
-        if swap is None or not recurse:
-            return super()._apply(fn, recurse)
-        for name, child in self.named_children():
-            if name != "transformer_blocks":
-                child._apply(fn)
-        for index, block in enumerate(self.transformer_blocks):
-            if index not in swap:
-                block._apply(fn)
-        return super()._apply(fn, recurse=False)
+    def cpu_resident(self) -> dict[str, bool]:
+        """What stays in CPU memory wherever the denoiser computes (name prefix -> streamed): the swapped blocks."""
+        return self.block_swap.prefixes() if self.block_swap is not None else {}
 
     def move(self, device, keep_host_copy: bool = False) -> "LensDiT":
-        """Move the model (less the blocks a block swap keeps on the CPU) through its page-locked host copies
+        """Move the model (less the blocks a block swap keeps in CPU memory) through its page-locked host copies
         (see memory/host_copies.py)."""
-        move_module(self, device, keep_host_copy)
+        move_model(self, device, keep_host_copy)
         return self
 
     def compile_blocks(self, warm_up: bool = True, cuda_graphs: bool = False) -> float:
@@ -369,17 +354,9 @@ class LensDiT(nn.Module):
 
         rope = rope_frequencies(h, w, text.shape[1], self.config.axes_dims, device)
         key_bias = None if text_mask is None else _key_bias(text_mask.to(device, torch.bool), h * w, dtype)
-        swap, blocks = self.block_swap, self.transformer_blocks
-        fetched = {swap.indices[0]: swap.fetch(blocks[swap.indices[0]], device)} if swap else {}
+        blocks = self.transformer_blocks if self.block_swap is None else self.block_swap.streamed(self.transformer_blocks, device)
         for index, block in enumerate(blocks):
-            args = (img, txt, silu_temb, rope, key_bias if self.text_mask == "every_block" or index == 0 else None)
-            if swap is not None and index in swap:
-                following = swap.next_after(index)
-                if following is not None:  # its copy overlaps this block's compute
-                    fetched[following] = swap.fetch(blocks[following], device)
-                img, txt = swap.run(block, fetched.pop(index), *args)
-            else:
-                img, txt = block(*args)
+            img, txt = block(img, txt, silu_temb, rope, key_bias if self.text_mask == "every_block" or index == 0 else None)
         return self.proj_out(self.norm_out(img, silu_temb))
 
 

@@ -1,18 +1,22 @@
-"""Whole-model moves between the GPU and page-locked CPU copies that the model keeps.
+"""Moving a model between the GPU and page-locked CPU copies of its weights, one way for every Lens model.
 
 On GPUs too small for the text encoder and the denoiser together, the two take turns: every run copies ~11 GB of
 encoder and ~8 GB of denoiser up, and back down when the other needs the room. From ordinary (pageable) memory
 both directions crawl through a staging buffer, and each move down allocates the model's CPU memory anew.
 
-Here a model's CPU copy becomes page-locked (pinned.py) the first time it leaves the GPU, and stays: moving the
-model up copies from it at full PCIe speed without blocking, and moving it back down copies nothing at all, the
-weights just point at their CPU copies again. The price: while the model is on the GPU its CPU copy stays in RAM
-(a model that never leaves the GPU never gets one). Within the page-locked budget only; past it, weights move
-as before. Callers that know a model will come back down (the nodes' move-while-used policy) ask for the copy
-on the way up (`keep_host_copy`), so that the very first move down is free too.
+Here a weight's CPU copy is page-locked (pinned.py) and kept with the weight itself (the tensor attribute
+`lens_host_copy`), so the copy lives exactly as long as the weight: a dropped LoRA or a collected model frees its
+copies, and a LoRA's copies are its own. Moving up copies from it at full PCIe speed without blocking; moving back
+down copies nothing, the weight points at its CPU copy again. The price: while the model is on the GPU its CPU
+copy stays in RAM. Within the page-locked budget only; past it, weights move as ordinary copies.
 
-Weights are read-only on the GPU (true of every Lens model: LoRAs are a side path, casts happen at load). A
-weight that something else replaces on the GPU is copied down as usual; its old GPU copy stays referenced here.
+`move_model` is the only mover the pack uses, and a plain `model.to(...)` stays safe: nothing here holds a GPU
+tensor, so whatever moves a model off the GPU frees its GPU memory. What a model keeps in CPU memory wherever it
+computes (its `cpu_resident()`: blocks a block swap streams, the text encoder's token embedding and streamed
+expert banks) is left there by `move_model`; a plain `.to()` moves it too (more GPU memory, the same results).
+
+Weights are read-only once loaded (true of every Lens model: LoRAs are a side path, casts happen at load); a
+copy whose shape or dtype no longer matches its weight (after a cast) is replaced.
 """
 
 from __future__ import annotations
@@ -21,131 +25,93 @@ import torch
 from torch import nn
 
 from . import pinned
-from .pinned import PinnedGroup
 
-CHUNK_BYTES = 256 << 20  # CPU copies are page-locked in groups of about this size: few driver calls, little waste
-
-
-def _key(tensor: torch.Tensor) -> tuple:
-    """Which memory a tensor reads, and how. Its storage object identifies the memory (unlike a data pointer, which
-    every meta tensor shares); live tensors with equal keys hold the same data."""
-    return tensor.untyped_storage()._cdata, tensor.storage_offset(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+CPU = torch.device("cpu")
 
 
-def chunks(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """`tensors` in order, in groups of at most CHUNK_BYTES (or a single larger tensor)."""
-    groups, size = [], 0
-    for tensor in tensors:
-        nbytes = pinned.packed_bytes([tensor])
-        if not groups or size + nbytes > CHUNK_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(tensor)
-        size += nbytes
-    return groups
+def named_weights(module: nn.Module):
+    """(name, tensor) of every parameter and buffer, each once."""
+    yield from module.named_parameters()
+    yield from module.named_buffers()
 
 
-class HostCopies:
-    """The page-locked CPU copies ("homes") of one model's weights, and which GPU tensors were copied from which."""
-
-    def __init__(self):
-        self._groups: list[PinnedGroup] = []  # held, so that their memory stays page-locked
-        self._homes: dict[tuple, torch.Tensor] = {}  # key of a home -> the home
-        # key of a copy made from a home -> (the copy, held so that its memory cannot be reused, the home)
-        self._away: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Page-locked bytes these copies hold."""
-        return sum(group.buffer.numel() for group in self._groups)
-
-    def is_home(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" and _key(tensor) in self._homes
-
-    def adopt(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Page-locked CPU copies of `tensors` (from any device), kept as their homes; None where the budget or the
-        driver says no."""
-        group = PinnedGroup(tensors) if pinned.can_pin(pinned.packed_bytes(tensors)) else None
-        if group is None or not group.pinned:
-            return None
-        self._groups.append(group)
-        self._homes.update((_key(home), home) for home in group.tensors)
-        return group.tensors
-
-    def moved(self, tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
-        """`tensors` on `device`. Up: copied from their homes where they are homes (without blocking). Down: their
-        homes where they were copied from one; otherwise new homes (while the budget lasts), or plain copies."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self._down(tensors)
-        result = []
-        for tensor in tensors:
-            home = self._home_of(tensor)
-            copy = tensor.to(device, non_blocking=True)
-            if home is not None:
-                self._away[_key(copy)] = (copy, home)
-            result.append(copy)
-        return result
-
-    def _home_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The home a tensor is, or that it was copied from (that record is taken: the copy is leaving)."""
-        if tensor.device.type == "cpu":
-            return self._homes.get(_key(tensor))
-        record = self._away.pop(_key(tensor), None)
-        return None if record is None else record[1]
-
-    def _down(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        result = [tensor if tensor.device.type == "cpu" else self._home_of(tensor) for tensor in tensors]
-        missing = [i for i, found in enumerate(result) if found is None]
-        places, adopting = iter(missing), True
-        for group in chunks([tensors[i] for i in missing]):
-            homes = self.adopt(group) if adopting else None
-            adopting = homes is not None  # once the budget or the driver says no, the rest are plain copies
-            for copy in homes or [tensor.to("cpu") for tensor in group]:
-                result[next(places)] = copy
-        return result
+def cpu_resident(module: nn.Module) -> dict[str, bool]:
+    """The model's name prefixes that stay in CPU memory -> whether they stream to the compute device."""
+    resident = getattr(module, "cpu_resident", None)
+    return resident() if resident is not None else {}
 
 
-def host_copies_of(module: nn.Module) -> HostCopies:
-    """A model's host copies; a denoiser with LoRAs uses those of the model whose weights it shares."""
-    owner = getattr(module, "base_model", module)
-    if "_host_copies" not in owner.__dict__:
-        owner.__dict__["_host_copies"] = HostCopies()  # a plain attribute, not a submodule
-    return owner.__dict__["_host_copies"]
+def host_copy(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor's page-locked CPU copy, where it has a current one."""
+    copy = getattr(tensor, "lens_host_copy", None)
+    return copy if copy is not None and copy.shape == tensor.shape and copy.dtype == tensor.dtype else None
 
 
-def _moving_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """What `module.to(...)` would move, each once, as its `_apply` hands them over (the model's own rules
-    included: blocks a block swap keeps on the CPU, the token embedding)."""
-    found = {}
-    module._apply(lambda tensor: found.setdefault(id(tensor), tensor))
-    return list(found.values())
+def pin(tensor: torch.Tensor, pool: pinned.Pool) -> bool:
+    """Give `tensor` a page-locked CPU copy from `pool` (a CPU tensor then uses it as its memory); False past the
+    budget."""
+    copy = host_copy(tensor)
+    if copy is None:
+        copy = pool.empty_like(tensor)
+        if copy is None:
+            return False
+        copy.copy_(tensor)
+        tensor.lens_host_copy = copy
+    if tensor.device.type == "cpu":
+        tensor.data = copy
+    return True
 
 
-def _replace(module: nn.Module, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
-    replacement = {id(a): b for a, b in zip(old, new)}
-    module._apply(lambda tensor: replacement.get(id(tensor), tensor))
+def _put(module: nn.Module, name: str, tensor: torch.Tensor, new: torch.Tensor) -> None:
+    """Make the weight `name` hold `new`: in place (`.data`, as `nn.Module.to` does), so that every module sharing
+    the weight sees it; where the two tensor kinds cannot share an object (the meta device), by a new tensor in its
+    module, which keeps the page-locked copy."""
+    try:
+        tensor.data = new
+        return
+    except RuntimeError:
+        pass
+    owner_name, _, key = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if key in owner._parameters:
+        new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+        owner._parameters[key] = new
+    else:
+        owner._buffers[key] = new
+    if hasattr(tensor, "lens_host_copy"):
+        new.lens_host_copy = tensor.lens_host_copy
 
 
-def pin_in_place(module: nn.Module, copies: HostCopies | None = None) -> None:
-    """Give a module's CPU weights page-locked homes now, a chunk at a time (each chunk's old memory is freed
-    before the next is copied, so RAM grows by one chunk at most), until the budget runs out. `copies`: those of
-    the model the module belongs to (default: the module's own)."""
-    copies = copies or host_copies_of(module)
-    pending = chunks([t for t in _moving_tensors(module) if t.device.type == "cpu" and not copies.is_home(t)])
-    while pending:
-        group = pending.pop(0)
-        homes = copies.adopt(group)
-        if homes is None:
-            return
-        _replace(module, group, homes)
+def move_model(module: nn.Module, device, keep_host_copy: bool = False) -> None:
+    """Put `module`'s weights on `device`, less what it keeps in CPU memory (page-locked where it streams).
+
+    Down: a weight points at its page-locked copy (no copy), or gets one while the budget lasts. Up: copied from
+    it without blocking. `keep_host_copy`: the model will come back down, so weights on the CPU get their
+    page-locked copies before they go up (the first move down is then free too).
+    """
+    device = torch.device(device)
+    resident = cpu_resident(module)
+    stays = tuple(resident)
+    streams = tuple(prefix for prefix, streamed in resident.items() if streamed)
+    plan = []  # (name, tensor, where it goes, whether it gets a page-locked copy)
+    for name, tensor in named_weights(module):
+        target = CPU if device.type == "cpu" or name.startswith(stays) else device
+        to_pin = host_copy(tensor) is None and (
+            (target.type == "cpu" and tensor.device.type != "cpu")  # down: into page-locked memory
+            or (target.type == "cpu" and device.type != "cpu" and name.startswith(streams))  # streamed from there
+            or (keep_host_copy and target.type != "cpu" and tensor.device.type == "cpu"))  # it will come back
+        plan.append((name, tensor, target, to_pin))
+    pool = pinned.Pool([tensor for _, tensor, _, to_pin in plan if to_pin])
+    for name, tensor, target, to_pin in plan:
+        if to_pin:
+            pin(tensor, pool)
+        if target.type == "cpu" and tensor.device.type != "cpu":
+            copy = host_copy(tensor)
+            _put(module, name, tensor, copy if copy is not None else tensor.to(CPU))
+        elif target.type != "cpu" and tensor.device != target:
+            _put(module, name, tensor, tensor.to(target, non_blocking=True))
 
 
-def move_module(module: nn.Module, device, keep_host_copy: bool = False, copies: HostCopies | None = None) -> None:
-    """Move what `module.to(device)` would move through the model's host copies (see the module docstring).
-    `copies`: those of the model the module belongs to (default: the module's own)."""
-    copies = copies or host_copies_of(module)
-    if keep_host_copy and torch.device(device).type != "cpu":
-        pin_in_place(module, copies)
-    tensors = _moving_tensors(module)
-    _replace(module, tensors, copies.moved(tensors, device))
+def pinned_bytes(module: nn.Module) -> int:
+    """Bytes of the module's weights that have page-locked CPU copies."""
+    return sum(t.numel() * t.element_size() for _, t in named_weights(module) if host_copy(t) is not None)

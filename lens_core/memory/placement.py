@@ -28,7 +28,7 @@ def text_encoder_placement(choice: str, encoder, device: torch.device) -> str:
         return choice
     if device.type != "cuda":
         return "gpu"
-    gpu_bytes = model_bytes(encoder) - encoder.embed_tokens.weight.nbytes  # the embedding stays on the CPU anyway
+    gpu_bytes = model_bytes(encoder) - encoder.embed_tokens.weight.nbytes  # the embedding stays in CPU memory anyway
     total = torch.cuda.get_device_properties(device).total_memory
     return "gpu_stream_experts" if streams_experts_to_fit(gpu_bytes, total) else "gpu"
 

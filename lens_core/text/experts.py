@@ -16,6 +16,7 @@ from __future__ import annotations
 import comfy_kitchen
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -38,31 +39,19 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return values.flatten(-2).to(dtype)
 
 
-class _Bank:
-    """What every bank format shares: its packed tensors (named in TENSORS) and their moves."""
+class _Bank(nn.Module):
+    """What every bank format shares: its packed tensors are registered buffers, so moves, casts of the float
+    ones, `state_dict` and byte counts treat them like any other weight."""
 
-    TENSORS: tuple[str, ...] = ()
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.TENSORS]
-
-    def set_tensors(self, tensors: list[torch.Tensor]) -> None:
-        for name, tensor in zip(self.TENSORS, tensors):
-            setattr(self, name, tensor)
-
-    def to(self, device) -> "_Bank":
-        self.set_tensors([tensor.to(device) for tensor in self.tensors()])
-        return self
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+    def __init__(self, **tensors: torch.Tensor):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
 
 
 class MXFP4Bank(_Bank):
-    TENSORS = ("blocks", "scales")
-
     def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
-        self.blocks, self.scales = blocks, scales
+        super().__init__(blocks=blocks, scales=scales)
         self.num_experts, self.out_features = blocks.shape[:2]
         self.in_features = blocks.shape[2] * 32
 
@@ -73,26 +62,28 @@ class MXFP4Bank(_Bank):
 
 
 class NVFP4Bank(_Bank):
-    TENSORS = ("packed", "block_scales", "expert_scales")
+    """The float8 block scales and float32 expert scales are kept as same-size integer views: a cast of the model
+    (`encoder.to(torch.bfloat16)`) converts float buffers, which would destroy their encoding, and leaves integers."""
 
     def __init__(self, packed: torch.Tensor, block_scales: torch.Tensor, expert_scales: torch.Tensor):
-        self.packed, self.block_scales, self.expert_scales = packed, block_scales, expert_scales
+        super().__init__(packed=packed, block_scale_bits=block_scales.view(torch.uint8),
+                         expert_scale_bits=expert_scales.float().view(torch.int32))
+        self.block_scale_dtype = block_scales.dtype
         self.num_experts, self.out_features = packed.shape[:2]
         self.in_features = packed.shape[2] * 2
 
     def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
         device = device or self.packed.device
         return comfy_kitchen.dequantize_nvfp4(
-            self.packed[expert].to(device, non_blocking=True), self.expert_scales[expert].float().to(device),
-            self.block_scales[expert].to(device, non_blocking=True), output_type=torch.float32
+            self.packed[expert].to(device, non_blocking=True), self.expert_scale_bits[expert].view(torch.float32).to(device),
+            self.block_scale_bits[expert].to(device, non_blocking=True).view(self.block_scale_dtype), output_type=torch.float32
         ).to(dtype)
 
 
 class DenseBank(_Bank):
-    TENSORS = ("weights",)
-
     def __init__(self, weights: torch.Tensor, transposed: bool):
-        self.weights, self.transposed = weights, transposed
+        super().__init__(weights=weights)
+        self.transposed = transposed
         self.num_experts = weights.shape[0]
         self.out_features, self.in_features = (weights.shape[2], weights.shape[1]) if transposed else weights.shape[1:]
 

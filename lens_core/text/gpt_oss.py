@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..memory.host_copies import host_copies_of, move_module
+from ..memory.host_copies import move_model
 from ..norms import RMSNorm
 
 
@@ -112,8 +112,8 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.gate_up_bias = nn.Parameter(torch.zeros(cfg.experts, 2 * cfg.expert_hidden))
         self.down_bias = nn.Parameter(torch.zeros(cfg.experts, cfg.hidden))
-        self.gate_up = None
-        self.down = None
+        self.gate_up: nn.Module | None = None  # expert banks (experts.py), set by the loader
+        self.down: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -155,8 +155,8 @@ class GptOssEncoder(nn.Module):
         self.stream_experts = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.layers)])
-        inv_freq, self.rope_scale = yarn_inv_freq_and_scale(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # float32 RoPE frequencies, a plain attribute (not a buffer): a cast of the model must not round them
+        self.inv_freq, self.rope_scale = yarn_inv_freq_and_scale(cfg)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,58 +166,34 @@ class GptOssEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].self_attn.q_proj.weight.device
 
-    def _apply(self, fn, recurse=True):
-        """Moves and casts leave the token embedding alone: it stays in CPU memory, in the file's dtype. A prompt
-        looks up a few hundred of its 201,088 rows, on the CPU, and only those rows go to the GPU (1.16 GB less
-        GPU memory for the encoder). The RoPE frequencies move but stay float32."""
-        if not recurse:
-            return super()._apply(fn, recurse)
-        for name, child in self.named_children():
-            if name != "embed_tokens":
-                child._apply(fn)
-        inv_freq = self.inv_freq
-        super()._apply(fn, recurse=False)
-        if self.inv_freq.dtype != inv_freq.dtype:  # a cast: keep the float32 values
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
-        return self
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt's rows of the token embedding, looked up where the table lives, sent to the compute device."""
         return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.device, self.dtype)
 
-    def cpu_resident_bytes(self) -> int:
-        """What stays in CPU memory wherever the encoder computes: the token embedding, and streamed expert banks."""
-        table = self.embed_tokens.weight.numel() * self.embed_tokens.weight.element_size()
-        return table + (sum(bank.nbytes() for bank in self.expert_banks()) if self.stream_experts else 0)
+    def cpu_resident(self) -> dict[str, bool]:
+        """What stays in CPU memory wherever the encoder computes (name prefix -> whether it streams to the compute
+        device, and so is page-locked): the token embedding (a prompt looks up a few hundred of its 201,088 rows, on
+        the CPU, and only those go to the GPU: 1.16 GB less GPU memory) and, while streamed, the expert banks."""
+        resident = {"embed_tokens.": False}
+        if self.stream_experts:
+            resident.update({f"layers.{i}.mlp.{bank}.": True for i in range(len(self.layers)) for bank in ("gate_up", "down")})
+        return resident
 
-    def expert_banks(self) -> list:
-        """The packed expert banks, which are not module parameters (the loader sets them)."""
+    def expert_banks(self) -> list[nn.Module]:
         return [bank for layer in self.layers for bank in (layer.mlp.gate_up, layer.mlp.down) if bank is not None]
 
     def move(self, device, keep_host_copy: bool = False) -> "GptOssEncoder":
-        """Move the model and its packed expert banks (which stay in CPU memory while experts are streamed) through
-        its page-locked host copies (see memory/host_copies.py)."""
-        move_module(self, device, keep_host_copy)
-        self._place_banks("cpu" if self.stream_experts else device, pin=keep_host_copy or self.stream_experts)
+        """Move the encoder (less what `cpu_resident` keeps in CPU memory) through its page-locked host copies
+        (see memory/host_copies.py)."""
+        move_model(self, device, keep_host_copy)
         return self
 
     def set_expert_streaming(self, on: bool) -> None:
         """Keep the packed expert banks (12 of the 13 GB) in page-locked CPU memory and copy each routed expert to the
         compute device as a layer needs it: the GPU holds ~1.3 GB (attention and norms) instead of ~11.4 GB."""
-        if on == self.stream_experts:
-            return
-        self.stream_experts = on
-        self._place_banks("cpu" if on else self.device, pin=on)
-
-    def _place_banks(self, device, pin: bool) -> None:
-        """Move the banks through the host copies; `pin`: give those in CPU memory page-locked homes first (a bank
-        at a time, so RAM grows by one bank at most)."""
-        copies = host_copies_of(self)
-        for bank in self.expert_banks():
-            tensors = bank.tensors()
-            if pin and all(t.device.type == "cpu" for t in tensors) and not all(map(copies.is_home, tensors)):
-                tensors = copies.adopt(tensors) or tensors
-            bank.set_tensors(copies.moved(tensors, device))
+        if on != self.stream_experts:
+            self.stream_experts = on
+            self.move(self.device)
 
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
         """[B, 1, S, S] float32: 0 where a query may see a key, -inf elsewhere (causal, padding, window)."""
@@ -241,7 +217,7 @@ class GptOssEncoder(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         positions = torch.arange(input_ids.shape[1], device=self.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq[None]
+        angles = positions[:, None] * self.inv_freq.to(self.device)[None]
         cos, sin = torch.cos(angles) * self.rope_scale, torch.sin(angles) * self.rope_scale
         biases = {kind: self._attention_bias(attention_mask, kind == "sliding_attention") for kind in set(self.config.layer_types)}
         x = self.embed(input_ids)

@@ -138,8 +138,8 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     file_keys = set(ckpt.keys())
     check_against_checkpoint(model, [n for n in file_key if file_key[n] in file_keys], lambda n: ckpt.shape(file_key[n]), ckpt.name)
     fill_from_checkpoint(model, lambda n, d: ckpt.read(file_key[n], d), device, dtype, dtype_for={"embed_tokens.weight": None},
-                         device_for={"embed_tokens.weight": "cpu"})  # the encoder keeps it there (see GptOssEncoder._apply)
-    model.inv_freq = yarn_inv_freq_and_scale(cfg)[0].to(device)  # computed, not stored: rebuild off the meta device
+                         device_for={"embed_tokens.weight": "cpu"})  # the encoder keeps it there (see GptOssEncoder.cpu_resident)
+    model.inv_freq = yarn_inv_freq_and_scale(cfg)[0]  # computed, not stored: rebuild off the meta device
     for i, layer in enumerate(model.layers):
         base = f"{prefix}layers.{i}.mlp.experts."
         layer.mlp.gate_up, layer.mlp.down = _bank(ckpt, base + "gate_up_proj", device), _bank(ckpt, base + "down_proj", device)

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..errors import LensInputError
-from ..memory.host_copies import move_module
+from ..memory.host_copies import move_model
 from .latent import fold, unfold
 from .model import FluxVAEModel
 
@@ -104,7 +104,7 @@ class LensVAE:
 
     def move(self, device, keep_host_copy: bool = False) -> "LensVAE":
         """Move the model through its page-locked host copies (see memory/host_copies.py)."""
-        move_module(self.model, device, keep_host_copy)
+        move_model(self.model, device, keep_host_copy)
         return self
 
     # -- decode -----------------------------------------------------------------------------------
