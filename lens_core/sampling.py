@@ -166,6 +166,34 @@ def _join_masks(first: torch.Tensor | None, second: torch.Tensor | None, like: t
     return torch.cat([full if first is None else first, full if second is None else second])
 
 
+def _prepare_text(dit, cond, uncond, batch: int, batch_cfg: bool):
+    """The text as the loop feeds it to the denoiser, prepared once per run: (cond, uncond or None, both joined
+    into one batch or None), each (features on the denoiser's device and dtype, mask or None).
+
+    Both sides are expanded to the latent's batch; where padding is inert (see `_trim_padding`) trailing padding
+    is dropped; for one CFG batch, or where padding acts, both are padded to one length as the reference does."""
+    padding_is_inert = getattr(dit, "text_mask", None) == "every_block"
+    cond = _expand_batch(*cond, batch)
+    if padding_is_inert:
+        cond = _trim_padding(*cond)
+    if uncond is not None:
+        uncond = _expand_batch(*uncond, batch)
+        if cond[0].shape[2:] != uncond[0].shape[2:]:
+            raise LensInputError("positive and negative conditioning come from different text encoders (feature shapes differ).")
+        if padding_is_inert:
+            uncond = _trim_padding(*uncond)
+        if batch_cfg or not padding_is_inert:
+            length = max(cond[0].shape[1], uncond[0].shape[1])
+            cond, uncond = _pad_text(*cond, length), _pad_text(*uncond, length)
+    device, dtype = dit.device, dit.dtype
+    cond = _text_on_device(*cond, device, dtype)
+    if uncond is None:
+        return cond, None, None
+    uncond = _text_on_device(*uncond, device, dtype)
+    joined = (torch.cat([cond[0], uncond[0]]), _join_masks(cond[1], uncond[1], cond[0])) if batch_cfg else None
+    return cond, uncond, joined
+
+
 class Cancelled(Exception):
     """Raised inside `sample` when the caller's cancellation check says stop."""
 
@@ -223,29 +251,9 @@ def sample(
     check_sample_inputs(dit.config, noise, cond, uncond, steps, cfg, denoise, init_latent)
     batch, _, h, w = noise.shape
     use_cfg = cfg != 1.0
-    sigmas = _img2img_sigmas(steps, denoise, h, w, shift)
-    padding_is_inert = getattr(dit, "text_mask", None) == "every_block"
-    cond = _expand_batch(*cond, batch)
-    if padding_is_inert:
-        cond = _trim_padding(*cond)
-    if use_cfg:
-        uncond = _expand_batch(*uncond, batch)
-        if cond[0].shape[2:] != uncond[0].shape[2:]:
-            raise LensInputError("positive and negative conditioning come from different text encoders (feature shapes differ).")
-        if padding_is_inert:
-            uncond = _trim_padding(*uncond)
-        if batch_cfg or not padding_is_inert:  # the reference pads both to one length, which matters when padding acts
-            length = max(cond[0].shape[1], uncond[0].shape[1])
-            cond, uncond = _pad_text(*cond, length), _pad_text(*uncond, length)
-
-    device, dtype = dit.device, dit.dtype
-    cond = _text_on_device(*cond, device, dtype)
-    uncond = _text_on_device(*uncond, device, dtype) if use_cfg else None
-    sigmas = sigmas.to(device, torch.float32)
-    if use_cfg and batch_cfg:  # both passes as one batch: the text is joined once, not every step
-        text = (torch.cat([cond[0], uncond[0]]), _join_masks(cond[1], uncond[1], cond[0]))
-    else:
-        text = None
+    device = dit.device
+    sigmas = _img2img_sigmas(steps, denoise, h, w, shift).to(device, torch.float32)
+    cond, uncond, batched_text = _prepare_text(dit, cond, uncond if use_cfg else None, batch, batch_cfg)
     x = latent_to_tokens(noise.to(device, torch.float32))
     if init_latent is not None and denoise < 1.0:
         x = (1.0 - sigmas[0]) * latent_to_tokens(init_latent.to(device, torch.float32)) + sigmas[0] * x
@@ -254,7 +262,7 @@ def sample(
         if should_stop is not None and should_stop():
             raise Cancelled()
         sigma = sigmas[i].expand(batch)
-        v = _velocity(dit, x, sigma, cond, uncond, cfg, (h, w), text)
+        v = _velocity(dit, x, sigma, cond, uncond, cfg, (h, w), batched_text)
         x0 = x - sigmas[i] * v
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         if callback is not None:
