@@ -72,14 +72,25 @@ def set_models_dir(path) -> None:
     _models_dir = Path(path)
 
 
+GGUF_KINDS = ("diffusion_models",)  # where GGUF files are offered (ComfyUI's own lists leave .gguf out)
+
+
+def _files_in(folder: Path, pattern: str) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob(pattern)} if folder.is_dir() else set()
+
+
 def list_models(kind: str) -> list[str]:
+    """The model files of a kind for a loader's dropdown: ComfyUI's list inside ComfyUI, plus the .gguf files of the
+    same folders where the pack reads GGUF."""
+    patterns = ("*.gguf",) if kind in GGUF_KINDS else ()
     if folder_paths is not None:
-        return sorted(set(folder_paths.get_filename_list(kind)))
-    names = set()
-    for sub in FOLDERS[kind]:
-        folder = _models_dir / sub
-        if folder.is_dir():
-            names |= {str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")}
+        names = set(folder_paths.get_filename_list(kind))
+        folders = [Path(p) for p in folder_paths.get_folder_paths(kind)] if patterns else []
+    else:
+        names, folders, patterns = set(), [_models_dir / sub for sub in FOLDERS[kind]], ("*.safetensors", *patterns)
+    for folder in folders:
+        for pattern in patterns:
+            names |= _files_in(folder, pattern)
     return sorted(names)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LensFileError, all_finite, some
+from .gguf_reader import GGUFFile
 from .identify import describe
 
 _DTYPES = {
@@ -125,6 +126,24 @@ def _check_layout(tensors: dict[str, TensorInfo], data_bytes: int, where: str) -
             previous_end, previous = info.end, name
 
 
+def content_fingerprint(path: Path, size: int, header_bytes: int) -> str:
+    """A hash of a model file's content: its header, its size and 16 samples of 64 KiB spread over its data (1 MiB
+    read, whatever the file's size; files up to 64 MiB are hashed whole). Unlike size and modification time, it
+    tells a fine-tune (every weight changed) from its base and survives copies that keep mtimes (`cp -p`,
+    `rsync -a`, tar); an edit of a few bytes between samples of a large file goes unseen."""
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(header_bytes))
+        if size <= _FINGERPRINT_WHOLE_BYTES:
+            digest.update(f.read())
+            return digest.hexdigest()
+        span = max(size - header_bytes - _FINGERPRINT_SAMPLE_BYTES, 0)
+        for i in range(_FINGERPRINT_SAMPLES):
+            f.seek(header_bytes + span * i // (_FINGERPRINT_SAMPLES - 1))
+            digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 class SafetensorsFile:
     """One `.safetensors` file: its header is parsed and checked on open; tensors are read on demand."""
 
@@ -161,21 +180,7 @@ class SafetensorsFile:
         return self.tensors.keys()
 
     def fingerprint(self) -> str:
-        """A hash of the file's content: its header, its size and 16 samples of 64 KiB spread over its data (1 MiB
-        read, whatever the file's size; files up to 64 MiB are hashed whole). Unlike size and modification time, it
-        tells a fine-tune (every weight changed) from its base and survives copies that keep mtimes (`cp -p`,
-        `rsync -a`, tar); an edit of a few bytes between samples of a large file goes unseen."""
-        digest = hashlib.sha256(str(self.size).encode())
-        with open(self.path, "rb") as f:
-            digest.update(f.read(self._data_start))
-            if self.size <= _FINGERPRINT_WHOLE_BYTES:
-                digest.update(f.read())
-                return digest.hexdigest()
-            span = max(self.size - self._data_start - _FINGERPRINT_SAMPLE_BYTES, 0)
-            for i in range(_FINGERPRINT_SAMPLES):
-                f.seek(self._data_start + span * i // (_FINGERPRINT_SAMPLES - 1))
-                digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
-        return digest.hexdigest()
+        return content_fingerprint(self.path, self.size, self._data_start)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time). Floating tensors are
@@ -199,7 +204,7 @@ class SafetensorsFile:
 class Checkpoint:
     """A set of safetensors files seen as one mapping from key to tensor (a single file or shards)."""
 
-    def __init__(self, files: list[SafetensorsFile], name: str):
+    def __init__(self, files: list[SafetensorsFile | GGUFFile], name: str):
         self.name = name
         self.files = files
         self._where: dict[str, SafetensorsFile] = {}
@@ -245,6 +250,16 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._file_of(key).tensors[key].dtype
 
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        """The shape `read(key)` gives: the values' shape, except a GGUF-quantised tensor's rows of raw bytes."""
+        file = self._file_of(key)
+        return file.stored_shape(key) if isinstance(file, GGUFFile) else file.tensors[key].shape
+
+    def gguf_type(self, key: str) -> int | None:
+        """The ggml type of a tensor stored GGUF-quantised; None for any other."""
+        file = self._file_of(key)
+        return file.quant_types.get(key) if isinstance(file, GGUFFile) else None
+
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._file_of(key).read(key, dtype)
 
@@ -268,6 +283,10 @@ def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -
     return open_checkpoint(path, shard_prefix)
 
 
+def _open_file(path: Path) -> SafetensorsFile | GGUFFile:
+    return GGUFFile(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
+
+
 def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoint:
     """Open a single `.safetensors` file or a folder of shards (checked against its index if present).
 
@@ -275,7 +294,7 @@ def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoi
     """
     path = Path(path)
     if path.is_file():
-        return Checkpoint([SafetensorsFile(path)], str(path))
+        return Checkpoint([_open_file(path)], str(path))
     if not path.is_dir():
         raise LensFileError(f"{path}: no such file or folder.")
     shards = sorted(p for p in path.glob("*.safetensors") if p.name.startswith(shard_prefix))
@@ -304,7 +323,7 @@ def fingerprint(path: str | os.PathLike) -> str:
     for caches that must not confuse two models (see `SafetensorsFile.fingerprint`). A shard stands for its folder."""
     path = whole_model(path)
     if path.is_file():
-        return SafetensorsFile(path).fingerprint()
+        return _open_file(path).fingerprint()
     digest = hashlib.sha256()
     for file in sorted(path.rglob("*.safetensors")) + sorted(path.rglob("*.json")):
         part = SafetensorsFile(file).fingerprint() if file.suffix == ".safetensors" else file.read_bytes()

@@ -2,7 +2,9 @@
 
 Accepted: a single `.safetensors` (bare keys or the `model.diffusion_model.` prefix of combined
 ComfyUI checkpoints), Microsoft's diffusers `transformer/` folder of fp32 shards (+ index and
-config.json), and Comfy-Org's `*_mxfp8` files (float8 weights + E8M0 block scales, kept quantised).
+config.json), Comfy-Org's `*_mxfp8` files (float8 weights + E8M0 block scales, kept quantised), and
+`.gguf` files with the state-dict names (as ComfyUI-GGUF's converter writes them; quantised Linear
+weights stay quantised, see quant.GGUFLinear).
 Sizes are read from tensor shapes, so test-sized and real models load through the same code.
 """
 
@@ -15,14 +17,24 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from ..checkpoint import gguf_quants
 from ..checkpoint.identify import find_key_prefix
 from ..checkpoint.safetensors_reader import Checkpoint, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from ..device import resolve_compute
 from ..errors import LensFileError, LensInputError
 from .model import DiTConfig, LensDiT
-from .quant import FP8_WEIGHT_DTYPES, MXFP8_FORMAT, MXFP8Linear, has_fp8_tensor_cores, read_comfy_quant, to_fp8_weights
+from .quant import (
+    FP8_WEIGHT_DTYPES,
+    MXFP8_FORMAT,
+    GGUFLinear,
+    MXFP8Linear,
+    has_fp8_tensor_cores,
+    read_comfy_quant,
+    to_fp8_weights,
+)
 
 log = logging.getLogger("lens_core")
 
@@ -122,6 +134,25 @@ def _swap_in_quantised(model: LensDiT, formats: dict[str, str], file_name: str) 
         setattr(parent, leaf, MXFP8Linear(old.in_features, old.out_features, old.bias is not None, device="meta"))
 
 
+def _swap_in_gguf(model: LensDiT, ckpt: Checkpoint, prefix: str) -> set[str]:
+    """Replace the Linears whose weights a GGUF file stores quantised by GGUFLinear (kept quantised); returns their
+    weights' file keys. Other quantised tensors are dequantised when read."""
+    kept = set()
+    for name, module in list(model.named_modules()):
+        key = prefix + name + ".weight"
+        qtype = ckpt.gguf_type(key) if key in ckpt else None
+        if qtype is None or not isinstance(module, nn.Linear):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if module.in_features % gguf_quants.TYPES[qtype][1]:
+            raise LensFileError(f"{ckpt.name}: {key} is {gguf_quants.type_name(qtype)}, whose blocks do not divide its "
+                                f"{module.in_features} inputs. The file is damaged or not a Lens denoiser.")
+        setattr(parent, leaf, GGUFLinear(module.in_features, module.out_features, module.bias is not None, qtype, device="meta"))
+        kept.add(key)
+    return kept
+
+
 def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
              text_mask: str = "every_block", weight_dtype: str | None = None, compile: bool = False,
              attention: str = "sdpa") -> LensDiT:
@@ -149,7 +180,9 @@ def load_dit(path: str | os.PathLike, device: str | torch.device | None = None, 
         model = LensDiT(cfg, text_mask=text_mask)
     model.use_attention(attention)  # before reading 8 GB: a missing package is reported at once
     _swap_in_quantised(model, _quantised_linears(ckpt, prefix), ckpt.name)
-    check_against_checkpoint(model, ckpt.keys(), ckpt.shape, ckpt.name, prefix)
+    kept_quantised = _swap_in_gguf(model, ckpt, prefix)
+    check_against_checkpoint(model, ckpt.keys(), lambda key: ckpt.stored_shape(key) if key in kept_quantised else ckpt.shape(key),
+                             ckpt.name, prefix)
     # fp8 layers are quantised on the CPU, so the device never holds the full-precision weights.
     model = fill_from_checkpoint(model, ckpt.read, "cpu" if weight_dtype else device, dtype, prefix)
     if weight_dtype:

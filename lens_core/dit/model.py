@@ -241,7 +241,8 @@ class LensDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        """The compute dtype (a norm's weight: Linear weights may be stored quantised)."""
+        return self.txt_norm[0].weight.dtype
 
     def use_attention(self, backend: str) -> None:
         """"sdpa" (PyTorch's, the default, any device) or "sage" (SageAttention, CUDA only, when installed; passes with

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import gguf_quants
 from ..errors import LensFileError
 
 log = logging.getLogger("lens_core")
@@ -62,6 +63,25 @@ class MXFP8Linear(nn.Module):
             out = comfy_kitchen.scaled_mm_mxfp8(qx, self.weight, x_scales, self.weight_scale, bias=bias, out_dtype=x.dtype)
             return out[: flat.shape[0]].reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+class GGUFLinear(nn.Module):
+    """A Linear whose weight stays in a GGUF quantised format (its raw bytes, uint8 [out, row bytes]) and is
+    dequantised on the compute device at every forward, as ComfyUI-GGUF does: the memory (and what block swap
+    moves) is the quantised bytes; the price is one dequantisation per layer per forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, qtype: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.register_buffer("weight", torch.empty(out_features, gguf_quants.row_bytes(qtype, in_features), dtype=torch.uint8,
+                                                   device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return gguf_quants.dequantize(self.weight, self.qtype, (self.out_features, self.in_features)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 FP8_WEIGHT_DTYPES = ("fp8_e4m3fn", "fp8_e4m3fn_fast")

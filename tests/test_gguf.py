@@ -1,0 +1,174 @@
+"""GGUF denoisers: every quantised type decodes exactly as llama.cpp's own Python library (`gguf`) decodes it, a
+GGUF file loads with its Linear weights kept quantised and computes what the same model with the weights
+dequantised by `gguf` computes; LoRA and block swap work on it; bad files get messages naming file and type.
+
+The files are written here with `gguf`'s writer, with the state-dict names that ComfyUI-GGUF's converter keeps;
+quantised weights are random blocks (valid scales, random packed values) of each type.
+"""
+
+import numpy as np
+import pytest
+import torch
+from model_files import random_dit_state, write_single
+
+gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's Python library) is the reference")
+from gguf.quants import dequantize as reference_dequantize  # noqa: E402
+
+from lens_core import DiTConfig, LensFileError, apply_loras, load_dit  # noqa: E402
+from lens_core.checkpoint.gguf_quants import TYPES, dequantize  # noqa: E402
+from lens_core.dit.quant import GGUFLinear  # noqa: E402
+
+# where each block type keeps its float16 scales: they must be finite, the rest of a block is any bytes
+F16_AT = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208],
+          20: [0], 23: [0]}
+QUANTISED = sorted(F16_AT)
+GGUF_DIT = DiTConfig(hidden=256, heads=2, blocks=2, mlp_hidden=512, text_width=256, text_layers=4)
+
+
+def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float = 0.02) -> np.ndarray:
+    """Random raw bytes of a [rows, values_per_row] tensor of `qtype`, with finite scales up to `scale`."""
+    _, block, size = TYPES[qtype]
+    raw = rng.integers(0, 256, (rows, values_per_row // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)
+    for offset in F16_AT[qtype]:
+        blocks[:, offset:offset + 2] = rng.uniform(-scale, scale, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("qtype", QUANTISED, ids=lambda q: TYPES[q][0])
+def test_every_quantised_type_decodes_bit_for_bit_as_llama_cpp_does(qtype):
+    raw = random_blocks(qtype, 3, 2 * TYPES[qtype][1], np.random.default_rng(qtype))
+    expected = reference_dequantize(raw, gguf.GGMLQuantizationType(qtype))
+    got = dequantize(torch.from_numpy(raw), qtype, expected.shape)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected.astype(np.float32))
+    assert dequantize(torch.from_numpy(raw).to("meta"), qtype, expected.shape).device.type == "meta"  # runs where the bytes are
+
+
+@pytest.mark.parametrize("qtype, np_dtype", [(0, np.float32), (1, np.float16)], ids=["F32", "F16"])
+def test_float_types_read_as_they_are(qtype, np_dtype):
+    values = np.random.default_rng(0).standard_normal((4, 8)).astype(np_dtype)
+    got = dequantize(torch.from_numpy(values.view(np.uint8).copy()), qtype, values.shape)
+    assert np.array_equal(got.numpy(), values.astype(np.float32))
+
+
+def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architecture: str = "lens") -> dict[str, torch.Tensor]:
+    """`state` as a GGUF file: 2-D weights whose rows hold whole blocks become random `qtype` blocks, the rest float32.
+    Returns the state as `gguf` dequantises it (the reference)."""
+    writer = gguf.GGUFWriter(str(path), architecture)
+    reference = {}
+    for name, tensor in state.items():
+        block = TYPES[qtype][1]
+        if tensor.ndim == 2 and name.endswith(".weight") and tensor.shape[1] % block == 0:
+            raw = random_blocks(qtype, tensor.shape[0], tensor.shape[1], rng, scale=2e-4)  # weights of a usable size
+            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(qtype))
+            reference[name] = torch.from_numpy(reference_dequantize(raw, gguf.GGMLQuantizationType(qtype)).copy())
+        else:
+            values = tensor.float().numpy()
+            writer.add_tensor(name, values)
+            reference[name] = torch.from_numpy(values.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
+
+
+def inputs():
+    torch.manual_seed(3)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    return (torch.randn(2, 12, 128), torch.tensor([0.9, 0.4]), torch.randn(2, 5, 4, GGUF_DIT.text_width) * mask[..., None, None],
+            mask, (3, 4))
+
+
+@pytest.fixture(scope="module", params=[8, 12, 14], ids=["Q8_0", "Q4_K", "Q6_K"])
+def gguf_dit(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    reference = write_gguf(folder / "lens.gguf", random_dit_state(GGUF_DIT, seed=1), request.param, np.random.default_rng(1))
+    return folder / "lens.gguf", write_single(reference, folder / "dequantised.safetensors", dtype=torch.float32), request.param
+
+
+def test_a_gguf_denoiser_stays_quantised_and_computes_as_its_dequantised_weights(gguf_dit):
+    path, dequantised, qtype = gguf_dit
+    model = load_dit(path, device="cpu", dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert layers and all(m.weight.dtype == torch.uint8 and m.qtype == qtype for m in layers)
+    quantised = sum(m.weight.numel() for m in layers)
+    assert quantised == sum(m.in_features * m.out_features for m in layers) // TYPES[qtype][1] * TYPES[qtype][2]
+    reference = load_dit(dequantised, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        out = model(*inputs())
+        assert out.isfinite().all() and out.std() > 0.01
+        assert torch.allclose(out, reference(*inputs()), rtol=1e-5, atol=1e-6)
+
+
+def test_loras_and_block_swap_work_on_a_gguf_denoiser(gguf_dit, tmp_path):
+    from safetensors.torch import save_file
+
+    path, dequantised, _ = gguf_dit
+    hidden = GGUF_DIT.hidden
+    lora = {f"diffusion_model.transformer_blocks.{i}.img_mlp.w1.lora_{p}.weight": torch.randn(s) * 0.1
+            for i in (0, 1) for p, s in (("down", (4, hidden)), ("up", (GGUF_DIT.mlp_hidden, 4)))}
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    model = load_dit(path, device="cpu", dtype=torch.float32)
+    model.swap_blocks(1)
+    patched = apply_loras(model, [(tmp_path / "l.safetensors", 0.8)])
+    reference = apply_loras(load_dit(dequantised, device="cpu", dtype=torch.float32), [(tmp_path / "l.safetensors", 0.8)])
+    assert isinstance(patched.transformer_blocks[0].img_mlp.w1.base, GGUFLinear)  # beside the quantised weight, not merged
+    with torch.no_grad():
+        assert torch.allclose(patched(*inputs()), reference(*inputs()), rtol=1e-5, atol=1e-6)
+
+
+def test_a_gguf_of_another_model_is_named(tmp_path):
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32), "single_blocks.0.linear1.weight": torch.zeros(64, 32)}
+    write_gguf(tmp_path / "flux.gguf", flux, 8, np.random.default_rng(0), architecture="flux")
+    with pytest.raises(LensFileError, match=r"flux\.gguf.*FLUX"):
+        load_dit(tmp_path / "flux.gguf", device="cpu")
+
+
+def test_an_unsupported_type_is_named(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "lens")
+    writer.add_tensor("img_in.weight", np.zeros((4, 66), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LensFileError, match=r"iq2\.gguf: tensor img_in\.weight is stored as IQ2_XXS, a type this pack does not decode"):
+        load_dit(tmp_path / "iq2.gguf", device="cpu")
+
+
+def test_a_truncated_or_renamed_file_says_so(gguf_dit, tmp_path):
+    path, dequantised, _ = gguf_dit
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LensFileError, match=r"cut\.gguf: the GGUF file is truncated or damaged"):
+        load_dit(tmp_path / "cut.gguf", device="cpu")
+    (tmp_path / "renamed.gguf").write_bytes(dequantised.read_bytes())
+    with pytest.raises(LensFileError, match=r"renamed\.gguf: this is not a GGUF file"):
+        load_dit(tmp_path / "renamed.gguf", device="cpu")
+
+
+def test_the_loader_node_lists_and_runs_a_gguf_denoiser(models_dir, tmp_path):
+    from pack import import_pack
+
+    pack = import_pack()
+    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
+    nodes = pack.NODE_CLASS_MAPPINGS
+    root = tmp_path / "models"
+    (root / "diffusion_models").mkdir(parents=True)
+    for sub in ("text_encoders", "vae", "loras"):
+        (root / sub).symlink_to(models_dir / sub)
+    config = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)  # the models folder's
+    write_gguf(root / "diffusion_models" / "lens_turbo_q8_0.gguf", random_dit_state(config), 8, np.random.default_rng(2))
+    bridge.set_models_dir(root)
+    try:
+        loader = nodes["LensPackModelLoader"]()
+        assert "lens_turbo_q8_0.gguf" in loader.INPUT_TYPES()["required"]["dit_name"][0]
+        model, encoder, _ = loader.load("lens_turbo_q8_0.gguf", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32",
+                                        False, "gpu", False, 0)
+        assert model.extras["variant"] == "turbo"
+        assert any(type(m).__name__ == "GGUFLinear" for m in model.model.modules())  # the pack's own copy of lens_core
+        positive, _ = nodes["LensPackTextEncode"]().encode(encoder, "a red fox", "")
+        (latent,) = nodes["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)
+        assert latent["samples"].isfinite().all()
+    finally:
+        bridge.set_models_dir(models_dir)
