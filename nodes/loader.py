@@ -50,8 +50,8 @@ class LensModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "dit_name": (list_models("diffusion_models"), {"tooltip": "The denoiser, in models/diffusion_models: lens_bf16 / lens_turbo_bf16 "
-                                                          f"(8.2 GB) or *_mxfp8 (5.5 GB) from {HF}/diffusion_models/lens_bf16.safetensors, "
-                                                          "or a GGUF (Q8_0 ... Q4_K, kept quantised)"}),
+                                                          "(8.2 GB) or *_mxfp8 (5.5 GB), or a GGUF (Q8_0 ... Q4_K, kept quantised), from "
+                                                          f"{HF}/diffusion_models/lens_bf16.safetensors"}),
             "text_encoder_name": (list_models("text_encoders"), {"tooltip": "GPT-OSS-20B, in models/text_encoders: gpt_oss_20b_nvfp4.safetensors "
                                                                 f"(13 GB) from {HF}/text_encoders/gpt_oss_20b_nvfp4.safetensors"}),
             "vae_name": (list_models("vae"), {"tooltip": f"The FLUX.2 VAE, in models/vae: flux2-vae.safetensors from {HF}/vae/flux2-vae.safetensors "
