@@ -89,3 +89,49 @@ def dequantised(state_mx) -> dict[str, torch.Tensor]:
             tensor = comfy_kitchen.dequantize_mxfp8(tensor, state_mx[scale_key].view(torch.float8_e8m0fnu), output_type=torch.float32)
         out[name] = tensor.float()
     return out
+
+
+# Where each GGUF block type keeps its float16 scales: they must be finite; the rest of a block may be any bytes.
+F16_AT = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208],
+          20: [0], 23: [0]}
+
+
+def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float = 0.02):
+    """Random raw bytes (numpy uint8) of a [rows, values_per_row] tensor of ggml type `qtype`, scales up to `scale`."""
+    import numpy as np
+
+    from lens_core.checkpoint.gguf_quants import TYPES
+
+    _, block, size = TYPES[qtype]
+    raw = rng.integers(0, 256, (rows, values_per_row // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)
+    for offset in F16_AT[qtype]:
+        blocks[:, offset:offset + 2] = rng.uniform(-scale, scale, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architecture: str = "lens") -> dict[str, torch.Tensor]:
+    """`state` as a GGUF file with its state-dict names (as ComfyUI-GGUF's converter keeps them): 2-D weights whose rows
+    hold whole blocks become random `qtype` blocks, the rest float32. Returns the state as the `gguf` package
+    dequantises it (the reference)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from lens_core.checkpoint.gguf_quants import TYPES
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    reference = {}
+    for name, tensor in state.items():
+        if tensor.ndim == 2 and name.endswith(".weight") and tensor.shape[1] % TYPES[qtype][1] == 0:
+            raw = random_blocks(qtype, tensor.shape[0], tensor.shape[1], rng, scale=2e-4)  # weights of a usable size
+            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(qtype))
+            reference[name] = torch.from_numpy(dequantize(raw, gguf.GGMLQuantizationType(qtype)).copy())
+        else:
+            values = tensor.float().numpy()
+            writer.add_tensor(name, values)
+            reference[name] = torch.from_numpy(values.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference

@@ -9,7 +9,7 @@ quantised weights are random blocks (valid scales, random packed values) of each
 import numpy as np
 import pytest
 import torch
-from model_files import random_dit_state, write_single
+from model_files import F16_AT, random_blocks, random_dit_state, write_gguf, write_single
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's Python library) is the reference")
 from gguf.quants import dequantize as reference_dequantize  # noqa: E402
@@ -18,21 +18,8 @@ from lens_core import DiTConfig, LensFileError, apply_loras, load_dit  # noqa: E
 from lens_core.checkpoint.gguf_quants import TYPES, dequantize  # noqa: E402
 from lens_core.dit.quant import GGUFLinear  # noqa: E402
 
-# where each block type keeps its float16 scales: they must be finite, the rest of a block is any bytes
-F16_AT = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208],
-          20: [0], 23: [0]}
 QUANTISED = sorted(F16_AT)
 GGUF_DIT = DiTConfig(hidden=256, heads=2, blocks=2, mlp_hidden=512, text_width=256, text_layers=4)
-
-
-def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float = 0.02) -> np.ndarray:
-    """Random raw bytes of a [rows, values_per_row] tensor of `qtype`, with finite scales up to `scale`."""
-    _, block, size = TYPES[qtype]
-    raw = rng.integers(0, 256, (rows, values_per_row // block * size), dtype=np.uint8)
-    blocks = raw.reshape(-1, size)
-    for offset in F16_AT[qtype]:
-        blocks[:, offset:offset + 2] = rng.uniform(-scale, scale, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
-    return raw
 
 
 @pytest.mark.parametrize("qtype", QUANTISED, ids=lambda q: TYPES[q][0])
@@ -49,28 +36,6 @@ def test_float_types_read_as_they_are(qtype, np_dtype):
     values = np.random.default_rng(0).standard_normal((4, 8)).astype(np_dtype)
     got = dequantize(torch.from_numpy(values.view(np.uint8).copy()), qtype, values.shape)
     assert np.array_equal(got.numpy(), values.astype(np.float32))
-
-
-def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architecture: str = "lens") -> dict[str, torch.Tensor]:
-    """`state` as a GGUF file: 2-D weights whose rows hold whole blocks become random `qtype` blocks, the rest float32.
-    Returns the state as `gguf` dequantises it (the reference)."""
-    writer = gguf.GGUFWriter(str(path), architecture)
-    reference = {}
-    for name, tensor in state.items():
-        block = TYPES[qtype][1]
-        if tensor.ndim == 2 and name.endswith(".weight") and tensor.shape[1] % block == 0:
-            raw = random_blocks(qtype, tensor.shape[0], tensor.shape[1], rng, scale=2e-4)  # weights of a usable size
-            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(qtype))
-            reference[name] = torch.from_numpy(reference_dequantize(raw, gguf.GGMLQuantizationType(qtype)).copy())
-        else:
-            values = tensor.float().numpy()
-            writer.add_tensor(name, values)
-            reference[name] = torch.from_numpy(values.copy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return reference
 
 
 def inputs():
