@@ -66,6 +66,16 @@ def test_a_gguf_denoiser_stays_quantised_and_computes_as_its_dequantised_weights
         assert torch.allclose(out, reference(*inputs()), rtol=1e-5, atol=1e-6)
 
 
+def test_stable_diffusion_cpps_names_load_too(tmp_path):
+    """stable-diffusion.cpp's converter keeps Lens's state-dict names under its `model.diffusion_model.` prefix."""
+    state = {"model.diffusion_model." + name: t for name, t in random_dit_state(GGUF_DIT, seed=1).items()}
+    reference = write_gguf(tmp_path / "lens-q4_K.gguf", state, 12, np.random.default_rng(4))
+    model = load_dit(tmp_path / "lens-q4_K.gguf", device="cpu", dtype=torch.float32)
+    dense = load_dit(write_single(reference, tmp_path / "dense.safetensors", dtype=torch.float32), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(model(*inputs()), dense(*inputs()), rtol=1e-5, atol=1e-6)
+
+
 def test_loras_and_block_swap_work_on_a_gguf_denoiser(gguf_dit, tmp_path):
     from safetensors.torch import save_file
 
