@@ -72,7 +72,7 @@ def set_models_dir(path) -> None:
     _models_dir = Path(path)
 
 
-GGUF_KINDS = ("diffusion_models",)  # where GGUF files are offered (ComfyUI's own lists leave .gguf out)
+GGUF_KINDS = ("diffusion_models", "text_encoders")  # where GGUF files are offered (ComfyUI's own lists leave .gguf out)
 
 
 def _files_in(folder: Path, pattern: str) -> set[str]:

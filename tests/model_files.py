@@ -93,7 +93,7 @@ def dequantised(state_mx) -> dict[str, torch.Tensor]:
 
 # Where each GGUF block type keeps its float16 scales: they must be finite; the rest of a block may be any bytes.
 F16_AT = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208],
-          20: [0], 23: [0]}
+          20: [0], 23: [0], 39: []}
 
 
 def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float = 0.02):
@@ -107,6 +107,8 @@ def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float 
     blocks = raw.reshape(-1, size)
     for offset in F16_AT[qtype]:
         blocks[:, offset:offset + 2] = rng.uniform(-scale, scale, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    if qtype == 39:  # MXFP4: an E8M0 scale byte near 2^log2(scale)
+        blocks[:, 0] = rng.integers(-2, 1, blocks.shape[0]) + 127 + int(np.floor(np.log2(scale)))
     return raw
 
 

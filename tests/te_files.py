@@ -104,3 +104,65 @@ def golden_te_folder(golden: Path, tmp: Path) -> Path:
     shutil.copy(golden / "te_tiny_mxfp4.safetensors", folder / "model-00001-of-00001.safetensors")
     shutil.copy(golden / "te_tiny_config.json", folder / "config.json")
     return folder
+
+
+def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bool = False, tokens: list[str] | None = None) -> None:
+    """`model` as llama.cpp's converter writes GPT-OSS: its names (gguf's own tensor map), the config as metadata, the
+    experts as MXFP4 blocks (gate and up split, or fused gate-first), the rest float32. The experts get random MXFP4
+    weights, which are also set into `model` (dequantised by the gguf package), so `model` stays the reference."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+    from model_files import random_blocks
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "gpt-oss")
+    for add, value in ((writer.add_block_count, cfg.num_hidden_layers), (writer.add_embedding_length, cfg.hidden_size),
+                       (writer.add_head_count, cfg.num_attention_heads), (writer.add_head_count_kv, cfg.num_key_value_heads),
+                       (writer.add_key_length, cfg.head_dim), (writer.add_expert_count, cfg.num_local_experts),
+                       (writer.add_expert_used_count, cfg.num_experts_per_tok), (writer.add_sliding_window, cfg.sliding_window),
+                       (writer.add_rope_freq_base, cfg.rope_parameters["rope_theta"]),
+                       (writer.add_rope_scaling_factor, cfg.rope_parameters["factor"]),
+                       (writer.add_rope_scaling_orig_ctx_len, cfg.rope_parameters["original_max_position_embeddings"]),
+                       (writer.add_layer_norm_rms_eps, cfg.rms_norm_eps), (writer.add_expert_feed_forward_length, cfg.intermediate_size)):
+        add(value)
+    if tokens is not None:
+        writer.add_token_list(tokens)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, cfg.num_hidden_layers)
+    mxfp4 = gguf.GGMLQuantizationType.MXFP4
+    experts, hidden, inner = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+
+    def random_mxfp4(rows, cols):
+        raw = random_blocks(39, experts * rows, cols, rng, scale=2 ** -6).reshape(experts, rows, -1)
+        return raw, torch.from_numpy(dequantize(raw, mxfp4).copy())
+
+    for name, tensor in model.state_dict().items():
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        if name.endswith("experts.gate_up_proj"):
+            (gate_raw, gate), (up_raw, up) = random_mxfp4(inner, hidden), random_mxfp4(inner, hidden)
+            tensor.copy_(torch.stack([gate, up], dim=2).flatten(1, 2).transpose(1, 2))  # HF: [E, in, 2*out], rows interleaved
+            if fuse_gate_up:
+                writer.add_tensor(f"blk.{layer}.ffn_gate_up_exps.weight", np.concatenate([gate_raw, up_raw], axis=1), raw_dtype=mxfp4)
+            else:
+                writer.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", gate_raw, raw_dtype=mxfp4)
+                writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", up_raw, raw_dtype=mxfp4)
+        elif name.endswith("experts.down_proj"):
+            raw, values = random_mxfp4(hidden, inner)
+            tensor.copy_(values.transpose(1, 2))
+            writer.add_tensor(f"blk.{layer}.ffn_down_exps.weight", raw, raw_dtype=mxfp4)
+        elif name.endswith("experts.gate_up_proj_bias"):
+            gate, up = tensor[..., ::2].numpy(), tensor[..., 1::2].numpy()
+            if fuse_gate_up:
+                writer.add_tensor(f"blk.{layer}.ffn_gate_up_exps.bias", np.concatenate([gate, up], axis=-1))
+            else:
+                writer.add_tensor(f"blk.{layer}.ffn_gate_exps.bias", np.ascontiguousarray(gate))
+                writer.add_tensor(f"blk.{layer}.ffn_up_exps.bias", np.ascontiguousarray(up))
+        elif name.endswith("experts.down_proj_bias"):
+            writer.add_tensor(f"blk.{layer}.ffn_down_exps.bias", tensor.numpy())
+        else:
+            key = "model." + name + (".weight" if name.endswith("sinks") else "")
+            writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

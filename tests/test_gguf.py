@@ -147,3 +147,60 @@ def test_the_loader_node_lists_and_runs_a_gguf_denoiser(models_dir, tmp_path):
         assert latent["samples"].isfinite().all()
     finally:
         bridge.set_models_dir(models_dir)
+
+
+@pytest.mark.parametrize("fuse_gate_up", [False, True], ids=["gate_up_split", "gate_up_fused"])
+def test_a_llama_cpp_gpt_oss_gguf_computes_what_transformers_computes(tmp_path, fuse_gate_up):
+    """llama.cpp's names, metadata and MXFP4 block layout; the experts stay packed in GGUF blocks."""
+    from te_files import hf_features, hf_reference, write_llama_cpp_gguf
+
+    from lens_core import load_text_encoder
+    from lens_core.text.experts import GGUFBank
+
+    model, cfg = hf_reference(seed=6, top_k=3, window=4)
+    write_llama_cpp_gguf(model, cfg, tmp_path / "gpt-oss-20b-mxfp4.gguf", fuse_gate_up=fuse_gate_up)
+    encoder = load_text_encoder(tmp_path / "gpt-oss-20b-mxfp4.gguf", device="cpu")
+    banks = [m for m in encoder.modules() if isinstance(m, GGUFBank)]
+    assert banks and all(b.raw.dtype == torch.uint8 and b.qtype == 39 for b in banks)
+    assert (encoder.config.experts_per_token, encoder.config.sliding_window) == (3, 4)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    for ours, theirs in zip(encoder.features(ids, mask, (0, 1, 2)), hf_features(model, ids, mask, (0, 1, 2))):
+        assert (ours[mask.bool()] - theirs[mask.bool()]).abs().max() <= 1e-4
+
+
+def test_a_gguf_of_another_llm_is_named(tmp_path):
+    from lens_core import load_text_encoder
+
+    writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        writer.add_tensor(name, np.zeros((8, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LensFileError, match=r"llama\.gguf: this GGUF holds a llama model, not GPT-OSS"):
+        load_text_encoder(tmp_path / "llama.gguf", device="cpu")
+
+
+def test_the_bundled_tokenizer_is_checked_against_a_gguf_vocabulary(tmp_path):
+    from lens_core.text.tokenizer import HARMONY_SPECIAL_TOKENS, load_tokenizer
+
+    def with_tokens(name, tokens):
+        writer = gguf.GGUFWriter(str(tmp_path / name), "gpt-oss")
+        writer.add_token_list(tokens)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    tokens = [f"t{i}" for i in range(201088)]
+    for marker, index in HARMONY_SPECIAL_TOKENS.items():
+        tokens[index] = marker
+    assert load_tokenizer(with_tokens("gpt-oss.gguf", tokens)).encode("<|start|>") == [HARMONY_SPECIAL_TOKENS["<|start|>"]]
+    expected = r"other\.gguf: its vocabulary has 't199998' at id 199998, where GPT-OSS's o200k_harmony has <\|startoftext\|>"
+    with pytest.raises(LensFileError, match=expected):
+        load_tokenizer(with_tokens("other.gguf", [f"t{i}" for i in range(201088)]))

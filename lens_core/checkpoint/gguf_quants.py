@@ -16,10 +16,11 @@ TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
     10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210), 20: ("IQ4_NL", 32, 18), 23: ("IQ4_XS", 256, 136),
+    14: ("Q6_K", 256, 210), 20: ("IQ4_NL", 32, 18), 23: ("IQ4_XS", 256, 136), 39: ("MXFP4", 32, 17),
 }
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def type_name(qtype: int) -> str:
@@ -146,8 +147,15 @@ def _iq4_xs(b):
     return (dl[:, :, None] * table[q.long()]).flatten(1)
 
 
+def _mxfp4(b):
+    """GPT-OSS's experts in llama.cpp's layout: an E8M0 scale byte (2^(e-127)), then 16 bytes of E2M1 codes, the low
+    nibbles holding the block's first 16 values (the HF files interleave them instead: text/experts.py)."""
+    table = torch.tensor(FP4_VALUES, device=b.device, dtype=torch.float32)
+    return torch.exp2(b[:, :1].float() - 127) * table[_nibbles(b[:, 1:]).long()]
+
+
 _DECODERS = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k,
-             20: _iq4_nl, 23: _iq4_xs}
+             20: _iq4_nl, 23: _iq4_xs, 39: _mxfp4}
 
 
 def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -54,6 +54,7 @@ class GGUFFile:
             raise LensFileError(f"{self.path}: the GGUF file is truncated or damaged ({str(e)[:120]}). Download it "
                                 "again.") from None
         self.size = self.path.stat().st_size
+        self._fields = reader.fields
         self.metadata = {name: str(field.contents()) for name, field in reader.fields.items()
                          if field.types and field.types[0] == gguf.GGUFValueType.STRING}
         self.tensors: dict[str, GGUFTensor] = {}
@@ -66,6 +67,20 @@ class GGUFFile:
                     "quantised to one of those.")
             self.tensors[tensor.name] = GGUFTensor(tuple(int(d) for d in reversed(tensor.shape)), qtype, tensor.data)
         self._header_bytes = min((int(t.data_offset) for t in reader.tensors), default=self.size)
+
+    def value(self, key: str, default=None):
+        """A metadata value (a number or text; `default` where absent or an array)."""
+        field = self._fields.get(key)
+        if field is None or not field.types or field.types[0].name == "ARRAY":
+            return default
+        return field.contents()
+
+    def array_item(self, key: str, index: int):
+        """Item `index` of a metadata array (e.g. a token of `tokenizer.ggml.tokens`); None where there is none."""
+        field = self._fields.get(key)
+        if field is None or not field.types or field.types[0].name != "ARRAY" or not 0 <= index < len(field.data):
+            return None
+        return field.contents(index)
 
     @property
     def quant_types(self) -> dict[str, int]:

@@ -9,6 +9,8 @@ that expert's packed bytes over: expert streaming). Formats:
 - NVFP4 (Comfy-Org's file): packed uint8 [E, out, in/2] (high nibble = even element), swizzled
   float8 block scales and a per-expert float32 scale, decoded by comfy-kitchen.
 - Dense: a float tensor [E, out, in], or HF's transposed [E, in, out].
+- GGUF (llama.cpp's files): any GGUF block format, MXFP4 above all (a scale byte, then 16 bytes of codes with the
+  first 16 values in the low nibbles), gate and up stored as two banks (`InterleavedBank`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import comfy_kitchen
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checkpoint import gguf_quants
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -90,3 +94,31 @@ class DenseBank(_Bank):
     def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
         w = self.weights[expert].to(device or self.weights.device, non_blocking=True)
         return (w.T if self.transposed else w).to(dtype)
+
+
+class GGUFBank(_Bank):
+    """A bank in any GGUF block format (llama.cpp's MXFP4 for GPT-OSS, or Q8_0 ... in other quantisations): raw bytes
+    [E, out, row bytes], one expert decoded at a time by checkpoint/gguf_quants.py."""
+
+    def __init__(self, raw: torch.Tensor, qtype: int, in_features: int):
+        super().__init__(raw=raw)
+        self.qtype, self.in_features = qtype, in_features
+        self.num_experts, self.out_features = raw.shape[:2]
+
+    def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        raw = self.raw[expert].to(device or self.raw.device, non_blocking=True)
+        return gguf_quants.dequantize(raw, self.qtype, (self.out_features, self.in_features)).to(dtype)
+
+
+class InterleavedBank(nn.Module):
+    """The gate and up projections, stored apart (llama.cpp splits GPT-OSS's fused gate_up), handed out as the fused
+    bank the MoE expects: rows alternate gate, up (HF's `gate_up_proj` order)."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module):
+        super().__init__()
+        self.gate, self.up = gate, up
+        self.num_experts, self.in_features, self.out_features = gate.num_experts, gate.in_features, 2 * gate.out_features
+
+    def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        gate, up = self.gate.weight(expert, dtype, device), self.up.weight(expert, dtype, device)
+        return torch.stack([gate, up], dim=1).reshape(self.out_features, self.in_features)

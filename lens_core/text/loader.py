@@ -1,5 +1,5 @@
 """`load_text_encoder`: GPT-OSS-20B from Microsoft/OpenAI's MXFP4 HF folder, Comfy-Org's NVFP4 file,
-or plain bf16/fp32 weights. Expert banks stay packed (see experts.py)."""
+plain bf16/fp32 weights, or a llama.cpp GGUF (gguf_loader.py). Expert banks stay packed (see experts.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_chec
 from ..device import resolve_compute
 from ..errors import LensFileError
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank
+from .gguf_loader import config_from_gguf, is_llama_cpp_layout, load_llama_cpp_encoder
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
 
 _EXPECTED = (
     "the GPT-OSS-20B text encoder: Comfy-Org's gpt_oss_20b_nvfp4.safetensors (models/text_encoders) "
-    "or Microsoft/OpenAI's text_encoder/ folder (model-0000k-of-00003.safetensors + config.json)"
+    "or Microsoft/OpenAI's text_encoder/ folder (model-0000k-of-00003.safetensors + config.json), "
+    "or llama.cpp's gpt-oss-20b GGUF"
 )
 
 
@@ -31,7 +33,11 @@ def _prefix(ckpt: Checkpoint) -> str:
 
 def check_file(path: str | os.PathLike) -> None:
     """Raise LensFileError unless `path` holds GPT-OSS, from the file headers alone (no weights read)."""
-    _prefix(open_component(path, "text_encoder", "model"))
+    ckpt = open_component(path, "text_encoder", "model")
+    if is_llama_cpp_layout(ckpt):
+        config_from_gguf(ckpt)
+    else:
+        _prefix(ckpt)
 
 
 _CONFIG_KEYS = ("embed_tokens.weight", "layers.0.self_attn.sinks", "layers.0.self_attn.q_proj.weight",
@@ -128,6 +134,10 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens text encoder")
     ckpt = open_component(path, "text_encoder", "model")
+    if is_llama_cpp_layout(ckpt):
+        model = load_llama_cpp_encoder(ckpt, device, dtype, _check_bank)
+        model.source, model.identity = ckpt.name, _identity(ckpt)
+        return model
     prefix = _prefix(ckpt)
     declared = _config_json(ckpt)
     cfg = config_from(ckpt, prefix, declared)

@@ -107,8 +107,26 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LensTokenizer:
             tokenizer = _from_json_text(found.read_text(encoding="utf-8"), str(found))
         else:
             tokenizer = _embedded(path) or _bundled()
+            if path.is_file() and path.suffix.lower() == ".gguf":
+                check_gguf_vocabulary(path)
     check_harmony(tokenizer)
     return tokenizer
+
+
+def check_gguf_vocabulary(path: Path) -> None:
+    """A llama.cpp GGUF carries its model's vocabulary (`tokenizer.ggml.tokens`): the bundled tokenizer serves it only
+    if the Harmony special tokens sit at GPT-OSS's ids there (a file without a vocabulary is taken as it is)."""
+    from ..checkpoint.gguf_reader import GGUFFile
+
+    file = GGUFFile(path)
+    if file.array_item("tokenizer.ggml.tokens", 0) is None:
+        return
+    for marker, expected in HARMONY_SPECIAL_TOKENS.items():
+        found = file.array_item("tokenizer.ggml.tokens", expected)
+        if found != marker:
+            raise LensFileError(f"{path}: its vocabulary has {str(found)[:40]!r} at id {expected}, where GPT-OSS's "
+                                f"o200k_harmony has {marker}: this GGUF is not GPT-OSS-20B (or its tokenizer was changed). "
+                                "Use llama.cpp's gpt-oss-20b GGUF.")
 
 
 def _embedded(path: Path) -> LensTokenizer | None:
