@@ -13,6 +13,7 @@ from workflow_runner import NativeNodes, run_workflow, widget_names
 pack = import_pack()
 NODES = pack.NODE_CLASS_MAPPINGS
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+GGUF_ENCODER_REPO = "https://huggingface.co/ggml-org/gpt-oss-20b-GGUF"  # llama.cpp's own GPT-OSS-20B GGUF
 
 
 def test_every_node_is_documented():
@@ -68,7 +69,8 @@ def shrink(workflow_path: Path, tmp_path: Path, seed: int) -> Path:
 
 
 def test_three_example_workflows_exist():
-    assert {p.stem for p in WORKFLOWS} == {"lens_text_to_image", "lens_turbo_text_to_image", "lens_img2img", "lens_lora"}
+    assert {p.stem for p in WORKFLOWS} == {"lens_text_to_image", "lens_turbo_text_to_image", "lens_img2img", "lens_lora",
+                                           "lens_turbo_gguf"}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
@@ -95,7 +97,8 @@ def test_workflow_matches_definitions(workflow):
         assert src in ids and dst in ids
     loaders = [n for n in data["nodes"] if n["type"] == "LensPackModelLoader"]
     models = loaders[0]["properties"]["models"] if loaders else []
-    assert models and all(m["url"] == f"https://huggingface.co/Comfy-Org/Lens/resolve/main/{m['directory']}/{m['name']}" for m in models)
+    assert models and all(m["url"] in (f"https://huggingface.co/Comfy-Org/Lens/resolve/main/{m['directory']}/{m['name']}",
+                                       f"{GGUF_ENCODER_REPO}/resolve/main/{m['name']}") for m in models)
     assert data["groups"] and any(n["type"] == "Note" for n in data["nodes"])
 
 
@@ -113,6 +116,10 @@ def test_workflow_note_lists_its_model_files(workflow):
             assert node["widgets_values"][0] == "example.png" and "ships with ComfyUI" in note
         if node["type"] == "LensPackLoraLoader":
             assert f"{node['widgets_values'][0]} is a placeholder" in note and "ComfyUI/models/loras" in note
+        if node["type"] == "LensPackModelLoader" and node["widgets_values"][0].endswith(".gguf"):  # no single published file
+            assert f"diffusion_models/{node['widgets_values'][0]} is a placeholder" in note
+        if any(m["url"].startswith(GGUF_ENCODER_REPO) for m in models):
+            assert GGUF_ENCODER_REPO in note
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
