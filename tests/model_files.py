@@ -114,7 +114,7 @@ def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float 
 
 def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architecture: str = "lens") -> dict[str, torch.Tensor]:
     """`state` as a GGUF file with its state-dict names (as ComfyUI-GGUF's converter keeps them): 2-D weights whose rows
-    hold whole blocks become random `qtype` blocks, the rest float32. Returns the state as the `gguf` package
+    hold whole blocks become `qtype` blocks (quantised by gguf where it can, else random), the rest float32. Returns the state as the `gguf` package
     dequantises it (the reference)."""
     import gguf
     from gguf.quants import dequantize
@@ -125,7 +125,10 @@ def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architectu
     reference = {}
     for name, tensor in state.items():
         if tensor.ndim == 2 and name.endswith(".weight") and tensor.shape[1] % TYPES[qtype][1] == 0:
-            raw = random_blocks(qtype, tensor.shape[0], tensor.shape[1], rng, scale=2e-4)  # weights of a usable size
+            try:  # what ComfyUI-GGUF's converter calls (gguf quantises Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 in numpy)
+                raw = gguf.quants.quantize(tensor.float().numpy(), gguf.GGMLQuantizationType(qtype))
+            except NotImplementedError:  # the K and IQ types need llama.cpp's C++ quantiser: random blocks instead
+                raw = random_blocks(qtype, tensor.shape[0], tensor.shape[1], rng, scale=2e-4)  # weights of a usable size
             writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(qtype))
             reference[name] = torch.from_numpy(dequantize(raw, gguf.GGMLQuantizationType(qtype)).copy())
         else:
