@@ -204,3 +204,12 @@ def test_the_bundled_tokenizer_is_checked_against_a_gguf_vocabulary(tmp_path):
     expected = r"other\.gguf: its vocabulary has 't199998' at id 199998, where GPT-OSS's o200k_harmony has <\|startoftext\|>"
     with pytest.raises(LensFileError, match=expected):
         load_tokenizer(with_tokens("other.gguf", [f"t{i}" for i in range(201088)]))
+
+
+def test_compiled_blocks_of_a_gguf_denoiser_match_eager(tmp_path):
+    """torch.compile traces the per-forward dequantisation with the rest of each block."""
+    write_gguf(tmp_path / "lens.gguf", random_dit_state(GGUF_DIT, seed=2), 8, np.random.default_rng(5))
+    eager = load_dit(tmp_path / "lens.gguf", device="cpu", dtype=torch.float32)
+    compiled = load_dit(tmp_path / "lens.gguf", device="cpu", dtype=torch.float32, compile=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(*inputs()), eager(*inputs()), atol=1e-4, rtol=1e-4)
