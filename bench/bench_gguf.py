@@ -5,7 +5,9 @@ each Linear per forward against the same model with the weights dequantised once
     python bench/bench_gguf.py --device cpu --blocks 2 --size 256  # a CPU run
 
 Random real-width weights (random blocks of each type: the speed does not depend on their values) written with the
-gguf package, loaded with load_dit; `bytes_vs_bf16` is the quantised model's weight bytes over the bf16 model's.
+gguf package, loaded with load_dit; `bytes_vs_bf16` is the quantised model's weight bytes over the bf16 model's;
+on CUDA `peak_allocated_gb` is the GPU memory peak of the quantised model's forwards (weights, one dequantised
+layer at a time, activations; both models are on the GPU, so it includes the dense copy's weights).
 """
 
 from __future__ import annotations
@@ -64,9 +66,13 @@ def main() -> None:
             reference = write_gguf(Path(folder) / f"{name}.gguf", state, TYPES[name], np.random.default_rng(0))
             quantised = load_dit(Path(folder) / f"{name}.gguf", device=device, dtype=dtype)
             dense = load_dit(write_single(reference, Path(folder) / f"{name}.safetensors", dtype=torch.float32), device=device, dtype=dtype)
-            ours, baseline = (seconds_per_forward(m, args.size, device, args.repeats) for m in (quantised, dense))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ours = seconds_per_forward(quantised, args.size, device, args.repeats)
+            peak = {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)} if device.type == "cuda" else {}
+            baseline = seconds_per_forward(dense, args.size, device, args.repeats)
             print(json.dumps({"type": name, "device": str(device), "dtype": str(dtype), "blocks": args.blocks, "size": args.size,
-                              "bytes_vs_bf16": round(model_bytes(quantised) / bf16_bytes, 3),
+                              "bytes_vs_bf16": round(model_bytes(quantised) / bf16_bytes, 3), **peak,
                               "seconds_per_forward": round(ours, 4), "dequantised_once_seconds": round(baseline, 4),
                               "time_vs_dequantised_once": round(ours / baseline, 2)}), flush=True)
             del quantised, dense
