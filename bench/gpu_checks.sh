@@ -5,7 +5,8 @@
 #
 # The device machine has no internet but has torch, transformers, safetensors, einops, tiktoken, pillow
 # and pytest. What else the tests need travels with the repository, prepared here:
-#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_wheels comfy-kitchen tokenizers
+#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_wheels comfy-kitchen tokenizers \
+#       gguf pyyaml requests urllib3 idna charset-normalizer certifi tqdm
 #   pip wheel --no-deps -w .gpu_wheels "git+https://github.com/huggingface/diffusers@d004842010be438a786e851450e7125780ae6c8e"
 # (the second is diffusers with the Lens port, the reference that bench_vs_reference.py runs; its pull request
 # is not in a release), then comfy-kitchen's pure-Python part is unpacked into .gpu_site (its compiled *.so and
@@ -39,6 +40,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     step sampling_swap python bench/bench_sampling.py --device "$DEV" --blocks 2 --sizes 256 --lens-steps 2 --blocks-on-cpu 1 --separate-cfg
     step lora python bench/bench_lora.py --device "$DEV" --blocks 2 --size 256 --ranks 16
     step dit_vs_reference python bench/bench_vs_reference.py --device "$DEV" --blocks 1 --size 256 --batch 2 --repeats 2
+    step gguf python bench/bench_gguf.py --device "$DEV" --blocks 1 --size 256 --repeats 1 --types Q8_0 Q4_K
 else
     # Most wanted first: each step's output is kept even if the device time runs out later.
     step tests python -m pytest -q -rs tests
@@ -46,6 +48,7 @@ else
     step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
     step sampling_compiled_cudagraphs_1024 python bench/bench_sampling.py --device cuda --sizes 1024 --mode compiled_cudagraphs
     step sampling_separate_cfg python bench/bench_sampling.py --device cuda --separate-cfg
+    step gguf_1024 python bench/bench_gguf.py --device cuda --blocks 8 --size 1024
     step sampling_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24
     step sampling_fp8_swap24_1440 python bench/bench_sampling.py --device cuda --sizes 1440 --blocks-on-cpu 24 --mode fp8_fast
     for batch in 1 2; do
