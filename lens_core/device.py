@@ -20,6 +20,19 @@ _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torc
                 "fp16": torch.float16, "float16": torch.float16}
 
 
+_CONSTANTS: dict = {}
+
+
+def constant(values: tuple, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small constant tensor (a lookup table) on `device`, made once per device: made from a Python list on a
+    GPU it would be a blocking host-to-device copy in every call, stalling the queue of kernels."""
+    key = (values, torch.device(device), dtype)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
+
+
 def _xpu_available() -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 

@@ -213,3 +213,20 @@ def test_compiled_blocks_of_a_gguf_denoiser_match_eager(tmp_path):
     compiled = load_dit(tmp_path / "lens.gguf", device="cpu", dtype=torch.float32, compile=True)
     with torch.no_grad():
         assert torch.allclose(compiled(*inputs()), eager(*inputs()), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_on_a_gpu_copies_no_lookup_table_to_it_per_call(monkeypatch):
+    """A table made from a Python list on a GPU is a blocking copy that would stall every layer's forward: each is
+    made once per device. The meta device stands in for the GPU."""
+    raws = {q: torch.from_numpy(random_blocks(q, 1, TYPES[q][1], np.random.default_rng(q))).to("meta") for q in QUANTISED}
+    for qtype, raw in raws.items():
+        dequantize(raw, qtype, (1, TYPES[qtype][1]))
+    real_tensor = torch.tensor
+
+    def host_only(*args, device=None, **kwargs):
+        assert device is None or torch.device(device).type == "cpu", "a tensor built from Python values on the GPU"
+        return real_tensor(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", host_only)
+    for qtype, raw in raws.items():
+        assert dequantize(raw, qtype, (1, TYPES[qtype][1])).device.type == "meta"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..device import constant
+
 # ggml type id -> (name, values per block, bytes per block)
 TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
@@ -99,7 +101,7 @@ def _q6_k(b):
     ql, qh = b[:, 0:128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)
     scales = b[:, 192:208].contiguous().view(torch.int8).float().reshape(-1, 2, 8, 1)
     low = torch.cat([ql & 0x0F, ql >> 4], dim=2)  # [n, half, 4 quarters, 32]: ql[l], ql[l+32], then their high nibbles
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)[None, None, :, None]
+    shifts = (2 * torch.arange(4, device=b.device, dtype=torch.uint8))[None, None, :, None]
     q = (low | (((qh >> shifts) & 3) << 4)).float() - 32
     q = q.reshape(-1, 2, 8, 16)  # 16 values per scale
     return (_f16(b, 208)[:, :, None, None] * scales * q).flatten(1)
@@ -132,12 +134,12 @@ def _q3_k(b):
 
 
 def _iq4_nl(b):
-    table = torch.tensor(IQ4_VALUES, device=b.device, dtype=torch.float32)
+    table = constant(IQ4_VALUES, b.device)
     return _f16(b, 0) * table[_nibbles(b[:, 2:]).long()]
 
 
 def _iq4_xs(b):
-    table = torch.tensor(IQ4_VALUES, device=b.device, dtype=torch.float32)
+    table = constant(IQ4_VALUES, b.device)
     i = torch.arange(8, device=b.device)
     scales_high = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF
     low = (b[:, 4 + i // 2].int() >> (4 * (i % 2))) & 0x0F
@@ -150,7 +152,7 @@ def _iq4_xs(b):
 def _mxfp4(b):
     """GPT-OSS's experts in llama.cpp's layout: an E8M0 scale byte (2^(e-127)), then 16 bytes of E2M1 codes, the low
     nibbles holding the block's first 16 values (the HF files interleave them instead: text/experts.py)."""
-    table = torch.tensor(FP4_VALUES, device=b.device, dtype=torch.float32)
+    table = constant(FP4_VALUES, b.device)
     return torch.exp2(b[:, :1].float() - 127) * table[_nibbles(b[:, 1:]).long()]
 
 

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import gguf_quants
-
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+from ..checkpoint.gguf_quants import FP4_VALUES
+from ..device import constant
 
 
 def _byte_table(device) -> torch.Tensor:
     """[256, 2] float32: the two FP4 values a byte holds, low nibble (even element) first."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+    lut = constant(FP4_VALUES, device)
     byte = torch.arange(256, device=device)
     return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1).contiguous()
 
