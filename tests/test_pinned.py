@@ -108,6 +108,7 @@ def test_inside_comfyui_its_own_functions_lock_the_pages_and_unlock_them_after_t
     monkeypatch.setattr(pinned, "provider", pinned.ComfyUIPinnedMemory(management))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: management.calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     state = dict(vars(management))
     copy = Pool([torch.ones(1000)]).empty_like(torch.ones(1000))
     assert copy is not None and list(management.registered.values()) == [4096]

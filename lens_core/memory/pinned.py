@@ -103,7 +103,7 @@ class ComfyUIPinnedMemory:
         return buffer if self.management.pin_memory(buffer) else None
 
     def free(self, buffer: torch.Tensor) -> None:
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():  # (a CUDA graph capture forbids it)
             torch.cuda.synchronize()  # no copy from it may still be running once it is unregistered
         self.management.unpin_memory(buffer)
 
