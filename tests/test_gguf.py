@@ -230,3 +230,16 @@ def test_decoding_on_a_gpu_copies_no_lookup_table_to_it_per_call(monkeypatch):
     monkeypatch.setattr(torch, "tensor", host_only)
     for qtype, raw in raws.items():
         assert dequantize(raw, qtype, (1, TYPES[qtype][1])).device.type == "meta"
+
+
+def test_bf16_compute_and_fp8_storage_apply_to_a_gguf_denoiser(gguf_dit):
+    """bf16 compute dequantises into bf16, as the dense model's weights are rounded; fp8 storage takes only the layers
+    a file keeps unquantised (here none of the blocks' layers): the GGUF ones stay as they are."""
+    path, dequantised, _ = gguf_dit
+    with torch.no_grad():
+        bf16 = load_dit(path, device="cpu", dtype=torch.bfloat16)(*inputs()).float()
+        dense_bf16 = load_dit(dequantised, device="cpu", dtype=torch.bfloat16)(*inputs()).float()
+        assert (bf16 - dense_bf16).norm() / dense_bf16.norm() < 1e-2
+        fp8 = load_dit(path, device="cpu", dtype=torch.float32, weight_dtype="fp8_e4m3fn")
+        assert any(isinstance(m, GGUFLinear) for m in fp8.modules())
+        assert torch.equal(fp8(*inputs()), load_dit(path, device="cpu", dtype=torch.float32)(*inputs()))
