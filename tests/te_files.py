@@ -166,3 +166,35 @@ def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bo
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_hf_mxfp4_folder(folder: Path, layers: int = 2, seed: int = 0):
+    """A tiny GPT-OSS as OpenAI/Microsoft publish it, for converters: MXFP4 expert blocks and scales, `model.` keys,
+    config.json with the mxfp4 quantization_config, tokenizer.json (the real vocabulary size, 201,088, which
+    llama.cpp's converter requires). Returns transformers' GptOssModel with the experts dequantised (the reference)."""
+    import json
+
+    from lens_core.text.experts import dequantize_mxfp4
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model, cfg = hf_reference(seed=seed, layers=layers, experts=4, top_k=2, window=4, vocab=201088)
+    state = {}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            shapes = (("gate_up_proj", 2 * cfg.intermediate_size, cfg.hidden_size), ("down_proj", cfg.hidden_size, cfg.intermediate_size))
+            for proj, rows, cols in shapes:
+                blocks = torch.randint(0, 256, (cfg.num_local_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=generator)
+                scales = torch.randint(120, 123, (cfg.num_local_experts, rows, cols // 32), dtype=torch.uint8, generator=generator)
+                state[f"model.layers.{i}.mlp.experts.{proj}_blocks"], state[f"model.layers.{i}.mlp.experts.{proj}_scales"] = blocks, scales
+                getattr(layer.mlp.experts, proj).copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))  # HF: [E, in, out]
+    dense = {k: v for k, v in model.state_dict().items() if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    state.update({"model." + k: v.contiguous() for k, v in dense.items()})
+    state["lm_head.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)
+    save_file(state, str(folder / "model.safetensors"))
+    config = json.loads(cfg.to_json_string())
+    config.update(architectures=["GptOssForCausalLM"], quantization_config={"quant_method": "mxfp4"})
+    (folder / "config.json").write_text(json.dumps(config))
+    build_tokenizer_json(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return model
