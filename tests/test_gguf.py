@@ -243,3 +243,14 @@ def test_bf16_compute_and_fp8_storage_apply_to_a_gguf_denoiser(gguf_dit):
         fp8 = load_dit(path, device="cpu", dtype=torch.float32, weight_dtype="fp8_e4m3fn")
         assert any(isinstance(m, GGUFLinear) for m in fp8.modules())
         assert torch.equal(fp8(*inputs()), load_dit(path, device="cpu", dtype=torch.float32)(*inputs()))
+
+
+@pytest.mark.parametrize("qtype", [30, 1], ids=["BF16", "F16"])
+def test_a_float_gguf_loads_as_plain_weights(tmp_path, qtype):
+    """ComfyUI-GGUF's converter writes BF16 / F16 files first (llama.cpp's quantiser makes the smaller ones from them)."""
+    reference = write_gguf(tmp_path / "lens-BF16.gguf", random_dit_state(GGUF_DIT, seed=3), qtype, np.random.default_rng(0))
+    model = load_dit(tmp_path / "lens-BF16.gguf", device="cpu", dtype=torch.float32)
+    assert not any(isinstance(m, GGUFLinear) for m in model.modules())
+    dense = load_dit(write_single(reference, tmp_path / "dense.safetensors", dtype=torch.float32), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(*inputs()), dense(*inputs()))
