@@ -71,4 +71,7 @@ def test_registry_reads_licence_links_icon_and_models():
                        for n in json.loads(p.read_text())["nodes"] for m in n.get("properties", {}).get("models", [])}
     registry_models = {m.model_url for m in config.tool_comfy.models}
     assert workflow_models <= registry_models
-    assert all(m.model_url.endswith(m.location) for m in config.tool_comfy.models)
+    for model in config.tool_comfy.models:  # Comfy-Org's files sit in their folder; others (llama.cpp's GGUF) at the root
+        folder, _, name = model.location.strip("/").rpartition("/")
+        assert folder in ("diffusion_models", "text_encoders", "vae") and model.model_url.rsplit("/", 1)[1] == name
+        assert model.model_url.endswith(model.location) or not model.model_url.startswith("https://huggingface.co/Comfy-Org/")
