@@ -254,3 +254,18 @@ def test_a_float_gguf_loads_as_plain_weights(tmp_path, qtype):
     dense = load_dit(write_single(reference, tmp_path / "dense.safetensors", dtype=torch.float32), device="cpu", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(model(*inputs()), dense(*inputs()))
+
+
+def test_counts_and_sizes_read_from_a_damaged_header_are_checked_before_use(gguf_dit, tmp_path):
+    """A header cut short, or claiming 2^60 tensors or a string of 2^60 bytes, gets a message (no huge allocation)."""
+    import struct
+
+    path, _, _ = gguf_dit
+    data = path.read_bytes()
+    cases = {"cut_header.gguf": data[:40],
+             "many_tensors.gguf": data[:8] + struct.pack("<Q", 1 << 60) + data[16:],
+             "long_key.gguf": data[:24] + struct.pack("<Q", 1 << 60) + data[32:]}
+    for name, damaged in cases.items():
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(LensFileError, match=rf"{name}: the GGUF file is truncated or damaged"):
+            load_dit(tmp_path / name, device="cpu")
