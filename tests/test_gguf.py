@@ -269,3 +269,16 @@ def test_counts_and_sizes_read_from_a_damaged_header_are_checked_before_use(gguf
         (tmp_path / name).write_bytes(damaged)
         with pytest.raises(LensFileError, match=rf"{name}: the GGUF file is truncated or damaged"):
             load_dit(tmp_path / name, device="cpu")
+
+
+def test_an_unchanged_gguf_is_parsed_once(gguf_dit, tmp_path):
+    import os
+
+    from lens_core.checkpoint.gguf_reader import open_gguf
+
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(gguf_dit[0].read_bytes())
+    first = open_gguf(copy)
+    assert open_gguf(copy) is first
+    os.utime(copy, ns=(0, 10**9))  # changed (a new download with the same name): parsed again
+    assert open_gguf(copy) is not first

@@ -16,6 +16,7 @@ Shapes are given in torch's order.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -236,6 +237,23 @@ class GGUFFile:
             raise LensFileError(f"{self.path}: tensor {name} ({type_name(info.qtype)}) holds NaN or infinite values, "
                                 "which would make every image black. The file is damaged: download it again.")
         return stored if dtype is None else values.to(dtype)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The parsed file, shared while it is unchanged (same size and modification time): the loader node opens an
+    encoder's GGUF for the weights, the tokenizer check and the content fingerprint, and ComfyUI asks for that
+    fingerprint before every run."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return GGUFFile(path)  # reports the missing file
+    return _parsed(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: Path, size: int, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(path)
 
 
 _GGML_TYPE_NAMES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LensFileError, all_finite, some
-from .gguf_reader import GGUFFile
+from .gguf_reader import GGUFFile, open_gguf
 from .identify import describe
 
 _DTYPES = {
@@ -284,7 +284,7 @@ def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -
 
 
 def _open_file(path: Path) -> SafetensorsFile | GGUFFile:
-    return GGUFFile(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
+    return open_gguf(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
 
 
 def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoint:

@@ -116,9 +116,9 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LensTokenizer:
 def check_gguf_vocabulary(path: Path) -> None:
     """A llama.cpp GGUF carries its model's vocabulary (`tokenizer.ggml.tokens`): the bundled tokenizer serves it only
     if the Harmony special tokens sit at GPT-OSS's ids there (a file without a vocabulary is taken as it is)."""
-    from ..checkpoint.gguf_reader import GGUFFile
+    from ..checkpoint.gguf_reader import open_gguf
 
-    file = GGUFFile(path)
+    file = open_gguf(path)
     if file.array_item("tokenizer.ggml.tokens", 0) is None:
         return
     for marker, expected in HARMONY_SPECIAL_TOKENS.items():
