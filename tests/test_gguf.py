@@ -282,3 +282,12 @@ def test_an_unchanged_gguf_is_parsed_once(gguf_dit, tmp_path):
     assert open_gguf(copy) is first
     os.utime(copy, ns=(0, 10**9))  # changed (a new download with the same name): parsed again
     assert open_gguf(copy) is not first
+
+
+def test_a_text_encoder_gguf_in_the_denoiser_slot_is_named(tmp_path):
+    from te_files import hf_reference, write_llama_cpp_gguf
+
+    model, cfg = hf_reference(layers=2)
+    write_llama_cpp_gguf(model, cfg, tmp_path / "gpt-oss.gguf")
+    with pytest.raises(LensFileError, match=r"looks like a GPT-OSS language model .*text-encoder slot"):
+        load_dit(tmp_path / "gpt-oss.gguf", device="cpu")

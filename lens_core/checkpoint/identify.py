@@ -29,8 +29,10 @@ def describe(keys: Iterable[str], shape=lambda key: ()) -> str:
     keys = set(keys)
     if _has(keys, "transformer_blocks.0.attn.norm_added_q.weight") and _has(keys, "transformer_blocks.0.img_mlp.w1.weight"):
         return "a Lens denoiser (DiT)"
-    if _has(keys, "layers.0.self_attn.sinks"):
+    if _has(keys, "layers.0.self_attn.sinks") or "blk.0.attn_sinks.weight" in keys:
         return "a GPT-OSS language model (the Lens text encoder)"
+    if "token_embd.weight" in keys:
+        return "a llama.cpp language model GGUF of another family (not GPT-OSS)"
     if _has(keys, "layers.0.self_attn.q_proj.weight") or _has(keys, "embed_tokens.weight"):
         if _has(keys, "layers.0.self_attn.q_norm.weight"):
             return "a Qwen3-style language model (not GPT-OSS)"
