@@ -1,6 +1,6 @@
 """The pack's models under a real ComfyUI's model manager, on the CPU: ComfyUI's own `load_models_gpu`,
 `free_memory` and `unload_all_models` drive the pack's patcher (tests/test_comfy_models.py does the same against
-a stand-in, which is what CI runs).
+a stand-in, which is what CI runs), and the loader's lists built on ComfyUI's `folder_paths` offer GGUF files.
 
 Runs where $LENS_COMFYUI_DIR names a ComfyUI checkout (its Python files are enough); skipped elsewhere. It runs
 in a child process, because the pack decides at import time whether it is inside ComfyUI. Modules that ComfyUI
@@ -61,6 +61,15 @@ CHILD = textwrap.dedent("""
     mm.unload_all_models()
     assert not any(loaded.model is patcher for loaded in mm.current_loaded_models) and patcher.loaded_size() == 0
     assert dit.device == cpu
+
+    import tempfile, os, folder_paths
+    folder = tempfile.mkdtemp()
+    for name in ("lens_turbo-Q4_K.gguf", "lens_bf16.safetensors"):
+        open(os.path.join(folder, name), "wb").close()
+    folder_paths.add_model_folder_path("diffusion_models", folder)
+    listed = bridge.list_models("diffusion_models")
+    assert {"lens_turbo-Q4_K.gguf", "lens_bf16.safetensors"} <= set(listed), listed  # ComfyUI's own list has no .gguf
+    assert bridge.model_path("diffusion_models", "lens_turbo-Q4_K.gguf") == os.path.join(folder, "lens_turbo-Q4_K.gguf")
     print("ok")
 """)
 
