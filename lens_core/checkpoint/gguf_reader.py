@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import LensFileError, all_finite
+from .files import content_fingerprint, existing_file, read_bytes
 from .gguf_quants import FLOAT_TYPES, TYPES, dequantize, row_bytes, type_name
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -107,10 +108,7 @@ class GGUFFile:
     """One `.gguf` file: its header is parsed and every tensor's type checked on open; tensors are read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LensFileError(f"{self.path}: no such file.")
-        self.size = self.path.stat().st_size
+        self.path, self.size = existing_file(path)
         with open(self.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise LensFileError(f"{self.path}: this is not a GGUF file (it does not start with 'GGUF'). Is it a "
@@ -214,20 +212,13 @@ class GGUFFile:
         return info.shape if info.qtype in FLOAT_TYPES else (*info.shape[:-1], row_bytes(info.qtype, info.shape[-1]))
 
     def fingerprint(self) -> str:
-        from .safetensors_reader import content_fingerprint  # that module imports this one
-
         return content_fingerprint(self.path, self.size, self._header_bytes)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor `name` on the CPU: as stored when `dtype` is None (raw bytes for a quantised one), else its
         values in `dtype`. Values are checked for NaN / infinity here, where the file can still be named."""
         info = self.tensors[name]
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(info.offset)
-            got = f.readinto(memoryview(raw.numpy()))
-        if got != info.nbytes:
-            raise LensFileError(f"{self.path}: could not read tensor {name!r} (file truncated?). Download the file again.")
+        raw = read_bytes(self.path, info.offset, info.nbytes, name)
         if info.qtype in FLOAT_TYPES:
             stored = values = raw.view(FLOAT_TYPES[info.qtype]).reshape(info.shape)
         else:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LensFileError, all_finite, some
+from .files import content_fingerprint, existing_file, read_bytes
 from .gguf_reader import GGUFFile, open_gguf
 from .identify import describe
 
@@ -40,8 +41,6 @@ _DTYPES = {
     "F8_E8M0": torch.float8_e8m0fnu,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-_FINGERPRINT_SAMPLES, _FINGERPRINT_SAMPLE_BYTES = 16, 64 * 1024
-_FINGERPRINT_WHOLE_BYTES = 64 * 1024 * 1024  # files up to this size are hashed whole
 
 
 @dataclass(frozen=True)
@@ -126,32 +125,11 @@ def _check_layout(tensors: dict[str, TensorInfo], data_bytes: int, where: str) -
             previous_end, previous = info.end, name
 
 
-def content_fingerprint(path: Path, size: int, header_bytes: int) -> str:
-    """A hash of a model file's content: its header, its size and 16 samples of 64 KiB spread over its data (1 MiB
-    read, whatever the file's size; files up to 64 MiB are hashed whole). Unlike size and modification time, it
-    tells a fine-tune (every weight changed) from its base and survives copies that keep mtimes (`cp -p`,
-    `rsync -a`, tar); an edit of a few bytes between samples of a large file goes unseen."""
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(header_bytes))
-        if size <= _FINGERPRINT_WHOLE_BYTES:
-            digest.update(f.read())
-            return digest.hexdigest()
-        span = max(size - header_bytes - _FINGERPRINT_SAMPLE_BYTES, 0)
-        for i in range(_FINGERPRINT_SAMPLES):
-            f.seek(header_bytes + span * i // (_FINGERPRINT_SAMPLES - 1))
-            digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
-    return digest.hexdigest()
-
-
 class SafetensorsFile:
     """One `.safetensors` file: its header is parsed and checked on open; tensors are read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LensFileError(f"{self.path}: no such file.")
-        self.size = self.path.stat().st_size
+        self.path, self.size = existing_file(path)
         self.metadata, self.tensors, self._data_start = self._parse_header()
 
     def _parse_header(self):
@@ -186,12 +164,7 @@ class SafetensorsFile:
         """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time). Floating tensors are
         checked for NaN / infinity here, once, where the file can still be named (8-bit ones hold packed data)."""
         info = self.tensors[name]
-        raw = torch.empty(info.end - info.start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + info.start)
-            got = f.readinto(memoryview(raw.numpy()))
-        if got != raw.numel():
-            raise LensFileError(f"{self.path}: could not read tensor {name!r} (file truncated?). Download the file again.")
+        raw = read_bytes(self.path, self._data_start + info.start, info.end - info.start, name)
         tensor = raw.view(info.dtype).reshape(info.shape)
         if info.dtype.itemsize > 1 and not all_finite(tensor):
             raise LensFileError(f"{self.path}: tensor {_short(name)} holds NaN or infinite values, which would make every "
