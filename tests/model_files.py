@@ -112,6 +112,14 @@ def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float 
     return raw
 
 
+def finish_gguf(writer) -> None:
+    """Write out and close a gguf.GGUFWriter (header, metadata, tensors)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architecture: str = "lens") -> dict[str, torch.Tensor]:
     """`state` as a GGUF file with its state-dict names (as ComfyUI-GGUF's converter keeps them): 2-D weights whose rows
     hold whole blocks become `qtype` blocks (quantised by gguf where it can, else random), the rest float32. Returns the state as the `gguf` package
@@ -135,8 +143,5 @@ def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architectu
             values = tensor.float().numpy()
             writer.add_tensor(name, values)
             reference[name] = torch.from_numpy(values.copy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return reference

@@ -113,7 +113,7 @@ def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bo
     import gguf
     import numpy as np
     from gguf.quants import dequantize
-    from model_files import random_blocks
+    from model_files import finish_gguf, random_blocks
 
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "gpt-oss")
@@ -162,10 +162,7 @@ def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bo
         else:
             key = "model." + name + (".weight" if name.endswith("sinks") else "")
             writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
 
 
 def write_hf_mxfp4_folder(folder: Path, layers: int = 2, seed: int = 0):

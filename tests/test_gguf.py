@@ -9,7 +9,7 @@ quantised weights are random blocks (valid scales, random packed values) of each
 import numpy as np
 import pytest
 import torch
-from model_files import F16_AT, random_blocks, random_dit_state, write_gguf, write_single
+from model_files import F16_AT, finish_gguf, random_blocks, random_dit_state, write_gguf, write_single
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's Python library) is the reference")
 from gguf.quants import dequantize as reference_dequantize  # noqa: E402
@@ -103,10 +103,7 @@ def test_a_gguf_of_another_model_is_named(tmp_path):
 def test_an_unsupported_type_is_named(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "lens")
     writer.add_tensor("img_in.weight", np.zeros((4, 66), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     with pytest.raises(LensFileError, match=r"iq2\.gguf: tensor img_in\.weight is stored as IQ2_XXS, a type this pack does not decode"):
         load_dit(tmp_path / "iq2.gguf", device="cpu")
 
@@ -177,10 +174,7 @@ def test_a_gguf_of_another_llm_is_named(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
     for name in ("token_embd.weight", "blk.0.attn_q.weight"):
         writer.add_tensor(name, np.zeros((8, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     with pytest.raises(LensFileError, match=r"llama\.gguf: this GGUF holds a llama model, not GPT-OSS"):
         load_text_encoder(tmp_path / "llama.gguf", device="cpu")
 
@@ -191,10 +185,7 @@ def test_the_bundled_tokenizer_is_checked_against_a_gguf_vocabulary(tmp_path):
     def with_tokens(name, tokens):
         writer = gguf.GGUFWriter(str(tmp_path / name), "gpt-oss")
         writer.add_token_list(tokens)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish_gguf(writer)
         return tmp_path / name
 
     tokens = [f"t{i}" for i in range(201088)]
