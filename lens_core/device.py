@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .errors import LensInputError
+from .memory.host_copies import cpu_resident, named_weights
 
 log = logging.getLogger("lens_core")
 
@@ -137,10 +138,8 @@ def device_bytes(model) -> int:
     with `cpu_resident()`: the blocks a block swap keeps there, the text encoder's token embedding and streamed
     expert banks)."""
     module = getattr(model, "model", model)
-    resident = getattr(module, "cpu_resident", None)
-    stays = tuple(resident()) if resident is not None else ()
-    named = [*module.named_parameters(), *module.named_buffers()]
-    return _tensor_bytes(t for name, t in named if not name.startswith(stays))
+    stays = tuple(cpu_resident(module))
+    return _tensor_bytes(t for name, t in named_weights(module) if not name.startswith(stays))
 
 
 def describe(what: str, model, runs_on: torch.device | None = None) -> str:

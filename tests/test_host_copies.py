@@ -17,7 +17,7 @@ from lens_core import apply_loras
 from lens_core.demo import DEMO_DIT, demo_dit, demo_text_encoder, demo_vae
 from lens_core.dit.lora import LoRA, LoRALayer
 from lens_core.memory import pinned
-from lens_core.memory.host_copies import host_copy, move_model, pinned_bytes
+from lens_core.memory.host_copies import host_copy, move_model, named_weights
 
 META = torch.device("meta")
 
@@ -37,6 +37,11 @@ def dit_inputs():
 
 def weights(module):
     return [*module.parameters(), *module.buffers()]
+
+
+def pinned_bytes(module) -> int:
+    """Bytes of the module's weights that have page-locked CPU copies."""
+    return sum(t.numel() * t.element_size() for _, t in named_weights(module) if host_copy(t) is not None)
 
 
 def a_lora(seed=0):

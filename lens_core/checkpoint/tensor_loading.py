@@ -19,13 +19,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), leaf
 
 
-def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Put `tensor` in place of the (meta) parameter or buffer `name` of `model`."""
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Put `tensor` in place of the parameter or buffer `name` of `model`; returns what was put there."""
     module, leaf = _owner(model, name)
     if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        tensor = module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:
         module._buffers[leaf] = tensor
+    return tensor
 
 
 def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

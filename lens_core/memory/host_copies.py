@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checkpoint.tensor_loading import place_tensor
 from . import pinned
 
 CPU = torch.device("cpu")
@@ -71,15 +72,9 @@ def _put(module: nn.Module, name: str, tensor: torch.Tensor, new: torch.Tensor) 
         return
     except RuntimeError:
         pass
-    owner_name, _, key = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    if key in owner._parameters:
-        new = nn.Parameter(new, requires_grad=tensor.requires_grad)
-        owner._parameters[key] = new
-    else:
-        owner._buffers[key] = new
+    placed = place_tensor(module, name, new)
     if hasattr(tensor, "lens_host_copy"):
-        new.lens_host_copy = tensor.lens_host_copy
+        placed.lens_host_copy = tensor.lens_host_copy
 
 
 def move_model(module: nn.Module, device, keep_host_copy: bool = False) -> None:
@@ -110,8 +105,3 @@ def move_model(module: nn.Module, device, keep_host_copy: bool = False) -> None:
             _put(module, name, tensor, copy if copy is not None else tensor.to(CPU))
         elif target.type != "cpu" and tensor.device != target:
             _put(module, name, tensor, tensor.to(target, non_blocking=True))
-
-
-def pinned_bytes(module: nn.Module) -> int:
-    """Bytes of the module's weights that have page-locked CPU copies."""
-    return sum(t.numel() * t.element_size() for _, t in named_weights(module) if host_copy(t) is not None)
