@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint import gguf_quants
 from ..checkpoint.gguf_quants import FP4_VALUES
 from ..device import constant
+from ..errors import LensFileError
 
 
 def _byte_table(device) -> torch.Tensor:
@@ -122,3 +123,15 @@ class InterleavedBank(nn.Module):
     def weight(self, expert: int, dtype: torch.dtype, device=None) -> torch.Tensor:
         gate, up = self.gate.weight(expert, dtype, device), self.up.weight(expert, dtype, device)
         return torch.stack([gate, up], dim=1).reshape(self.out_features, self.in_features)
+
+
+def check_banks(encoder: nn.Module, file_name: str) -> None:
+    """Every layer's banks have the shapes the encoder's config implies (else the file is another model's)."""
+    cfg = encoder.config
+    for i, layer in enumerate(encoder.layers):
+        for bank, expected in ((layer.mlp.gate_up, (cfg.experts, 2 * cfg.expert_hidden, cfg.hidden)),
+                               (layer.mlp.down, (cfg.experts, cfg.hidden, cfg.expert_hidden))):
+            got = (bank.num_experts, bank.out_features, bank.in_features)
+            if got != expected:
+                raise LensFileError(f"{file_name}: layer {i} expert bank is {list(got)} (experts, out, in), expected "
+                                    f"{list(expected)}.")

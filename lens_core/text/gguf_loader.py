@@ -16,7 +16,7 @@ import torch
 from ..checkpoint.safetensors_reader import Checkpoint
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from ..errors import LensFileError
-from .experts import DenseBank, GGUFBank, InterleavedBank
+from .experts import DenseBank, GGUFBank, InterleavedBank, check_banks
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
 
 ARCH = "gpt-oss"
@@ -105,7 +105,7 @@ def _gate_up_bank(ckpt: Checkpoint, layer: int, device):
     return InterleavedBank(*(GGUFBank(h.contiguous(), qtype, in_features).to(device) for h in halves))
 
 
-def load_llama_cpp_encoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, check_bank) -> GptOssEncoder:
+def load_llama_cpp_encoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> GptOssEncoder:
     cfg = config_from_gguf(ckpt)
     with torch.device("meta"):
         model = GptOssEncoder(cfg)
@@ -129,6 +129,5 @@ def load_llama_cpp_encoder(ckpt: Checkpoint, device: torch.device, dtype: torch.
     model.inv_freq = yarn_inv_freq_and_scale(cfg)[0]
     for i, layer in enumerate(model.layers):
         layer.mlp.gate_up, layer.mlp.down = _gate_up_bank(ckpt, i, device), _bank(ckpt, f"blk.{i}.ffn_down_exps.weight", device)
-        check_bank(ckpt.name, i, layer.mlp.gate_up, (cfg.experts, 2 * cfg.expert_hidden, cfg.hidden))
-        check_bank(ckpt.name, i, layer.mlp.down, (cfg.experts, cfg.hidden, cfg.expert_hidden))
+    check_banks(model, ckpt.name)
     return model

@@ -16,7 +16,7 @@ from ..checkpoint.safetensors_reader import Checkpoint, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from ..device import resolve_compute
 from ..errors import LensFileError
-from .experts import DenseBank, MXFP4Bank, NVFP4Bank
+from .experts import DenseBank, MXFP4Bank, NVFP4Bank, check_banks
 from .gguf_loader import config_from_gguf, is_llama_cpp_layout, load_llama_cpp_encoder
 from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
 
@@ -135,7 +135,7 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     device, dtype = resolve_compute(device, dtype, what="the Lens text encoder")
     ckpt = open_component(path, "text_encoder", "model")
     if is_llama_cpp_layout(ckpt):
-        model = load_llama_cpp_encoder(ckpt, device, dtype, _check_bank)
+        model = load_llama_cpp_encoder(ckpt, device, dtype)
         model.source, model.identity = ckpt.name, _identity(ckpt)
         return model
     prefix = _prefix(ckpt)
@@ -153,8 +153,7 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     for i, layer in enumerate(model.layers):
         base = f"{prefix}layers.{i}.mlp.experts."
         layer.mlp.gate_up, layer.mlp.down = _bank(ckpt, base + "gate_up_proj", device), _bank(ckpt, base + "down_proj", device)
-        _check_bank(ckpt.name, i, layer.mlp.gate_up, (cfg.experts, 2 * cfg.expert_hidden, cfg.hidden))
-        _check_bank(ckpt.name, i, layer.mlp.down, (cfg.experts, cfg.hidden, cfg.expert_hidden))
+    check_banks(model, ckpt.name)
     model.source = ckpt.name
     model.identity = _identity(ckpt)
     return model
@@ -174,12 +173,6 @@ def _check_layers(ckpt: Checkpoint, prefix: str, cfg: GptOssConfig, declared: di
         raise LensFileError(f"{ckpt.name}: the model has {expected:,} layers, but {missing_numbers(present, expected)} "
                             "are missing. The file is incomplete (a missing shard?): download every file of the text "
                             "encoder again.")
-
-
-def _check_bank(file_name: str, layer: int, bank, expected: tuple[int, int, int]) -> None:
-    got = (bank.num_experts, bank.out_features, bank.in_features)
-    if got != expected:
-        raise LensFileError(f"{file_name}: layer {layer} expert bank is {list(got)} (experts, out, in), expected {list(expected)}.")
 
 
 def _identity(ckpt: Checkpoint) -> str:
