@@ -133,3 +133,16 @@ def test_both_config_spellings_give_the_same_model(tmp_path):
     assert te_new.config == te_old.config and te_old.config.experts_per_token == 2
     ids = torch.randint(0, 300, (1, 9))
     assert torch.equal(te_new.features(ids, layers=(2,))[0], te_old.features(ids, layers=(2,))[0])
+
+
+def test_an_expert_bank_of_another_size_is_named():
+    from lens_core.demo import demo_text_encoder
+    from lens_core.errors import LensFileError
+    from lens_core.text.experts import DenseBank, check_banks
+
+    encoder = demo_text_encoder()
+    cfg = encoder.config
+    check_banks(encoder, "fine.safetensors")
+    encoder.layers[1].mlp.down = DenseBank(torch.zeros(cfg.experts, cfg.hidden, cfg.expert_hidden + 32), transposed=False)
+    with pytest.raises(LensFileError, match=r"odd\.gguf: layer 1 expert bank is \[\d+, \d+, \d+\] \(experts, out, in\), expected"):
+        check_banks(encoder, "odd.gguf")
