@@ -14,6 +14,7 @@ import torch
 
 from ..lens_core.device import default_device
 from ..lens_core.memory import pinned
+from .comfy_models import REPLACED_METHODS
 
 try:
     import folder_paths
@@ -37,10 +38,6 @@ try:
 except ImportError:
     memory_management = None
 
-# The methods LensModelPatcher (comfy_models.py) replaces: a ComfyUI whose ModelPatcher lacks one would never call it.
-PATCHER_METHODS = ("loaded_size", "lowvram_patch_counter", "current_loaded_device", "partially_load", "partially_unload",
-                   "unpatch_model", "detach")
-
 if model_management is not None and hasattr(model_management, "pin_memory") and hasattr(model_management, "unpin_memory"):
     pinned.provider = pinned.ComfyUIPinnedMemory(model_management)  # ComfyUI's page-locking and budget, not the pack's own
 
@@ -58,7 +55,7 @@ def model_manager_takes_lens_models() -> bool:
     if model_management is None or model_patcher is None or dynamic_vram():
         return False
     base = getattr(model_patcher, "ModelPatcher", None)
-    return hasattr(model_management, "load_models_gpu") and base is not None and all(hasattr(base, m) for m in PATCHER_METHODS)
+    return hasattr(model_management, "load_models_gpu") and base is not None and all(hasattr(base, m) for m in REPLACED_METHODS)
 
 
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),

@@ -25,47 +25,53 @@ def move_model(model, device, keep_host_copy: bool = False) -> None:
     model.move(device, keep_host_copy)
 
 
+class WholeModelPatching:
+    """The ModelPatcher methods a Lens model replaces (put in front of ComfyUI's class by `lens_patcher_class`)."""
+
+    def __init__(self, model, load_device, offload_device):
+        super().__init__(model, load_device, offload_device, size=device_bytes(model))
+        self.loaded_bytes = self.size if model.device == load_device else 0
+
+    def loaded_size(self):
+        return self.loaded_bytes
+
+    def lowvram_patch_counter(self):
+        return 0
+
+    def current_loaded_device(self):
+        return self.model.device
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        newly = self.size - self.loaded_bytes
+        move_model(self.model, device_to)
+        self.loaded_bytes = self.size
+        return newly
+
+    def partially_unload(self, device_to, memory_to_free=0):
+        freed = self.loaded_bytes
+        self.unpatch_model(device_to)
+        return freed
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if device_to is not None:
+            move_model(self.model, device_to)
+            self.loaded_bytes = 0
+
+    def detach(self, unpatch_all=True):
+        """ComfyUI unloads with unpatch_all=True; False (a patcher replaced or collected) leaves the model where it is."""
+        if unpatch_all:
+            self.unpatch_model(self.offload_device)
+        return self.model
+
+
+# What ComfyUI's ModelPatcher must have for the replacements to be the ones it calls.
+REPLACED_METHODS = tuple(name for name in vars(WholeModelPatching) if not name.startswith("_"))
+
+
 @functools.lru_cache(maxsize=None)
 def lens_patcher_class(base: type) -> type:
     """A ModelPatcher subclass (of ComfyUI's class `base`) for one whole Lens model."""
-
-    class LensModelPatcher(base):
-        def __init__(self, model, load_device, offload_device):
-            super().__init__(model, load_device, offload_device, size=device_bytes(model))
-            self.loaded_bytes = self.size if model.device == load_device else 0
-
-        def loaded_size(self):
-            return self.loaded_bytes
-
-        def lowvram_patch_counter(self):
-            return 0
-
-        def current_loaded_device(self):
-            return self.model.device
-
-        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
-            newly = self.size - self.loaded_bytes
-            move_model(self.model, device_to)
-            self.loaded_bytes = self.size
-            return newly
-
-        def partially_unload(self, device_to, memory_to_free=0):
-            freed = self.loaded_bytes
-            self.unpatch_model(device_to)
-            return freed
-
-        def unpatch_model(self, device_to=None, unpatch_weights=True):
-            if device_to is not None:
-                move_model(self.model, device_to)
-                self.loaded_bytes = 0
-
-        def detach(self, unpatch_all=True):
-            """ComfyUI unloads with unpatch_all=True; False (a patcher replaced or collected) leaves the model where it is."""
-            if unpatch_all:
-                self.unpatch_model(self.offload_device)
-            return self.model
-
-    return LensModelPatcher
+    return type("LensModelPatcher", (WholeModelPatching, base), {})
 
 
 def patcher_for(model, load_device, offload_device, base: type):
