@@ -19,7 +19,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import seconds_per_forward  # noqa: E402
 from model_files import random_dit_state, write_gguf, write_single  # noqa: E402
 
 from lens_core import DiTConfig, load_dit  # noqa: E402
@@ -56,17 +57,9 @@ def measure(path: str, device: str, size: int, repeats: int) -> None:
     cfg, tokens = dit.config, (size // 16) ** 2
     args = (torch.randn(1, tokens, cfg.in_channels, device=device), torch.tensor([0.5], device=device),
             torch.randn(1, 128, cfg.text_layers, cfg.text_width, device=device), None, (size // 16, size // 16))
-    with torch.no_grad():
-        dit(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            dit(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    result = {"seconds_per_forward": (time.perf_counter() - start) / repeats, "weight_bytes": model_bytes(dit),
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the forwards' peak, not the load's (the warm-up forward is one of them)
+    result = {"seconds_per_forward": seconds_per_forward(dit, args, repeats, device), "weight_bytes": model_bytes(dit),
               "peak_rss_gb": peak_rss_gb()}
     if device.type == "cuda":
         result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
