@@ -32,6 +32,11 @@ def hf_reference(seed=0, layers=3, experts=6, top_k=3, window=3, vocab=300):
     return model, cfg
 
 
+def expert_banks(encoder) -> list:
+    """The encoder's expert banks, every layer's gate_up and down."""
+    return [bank for layer in encoder.layers for bank in (layer.mlp.gate_up, layer.mlp.down)]
+
+
 def hf_features(model, ids, mask, layers):
     captured = {}
     hooks = [model.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))

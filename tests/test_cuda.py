@@ -5,6 +5,7 @@ import pytest
 import torch
 from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 from safetensors.torch import save_file
+from te_files import expert_banks
 from test_nodes import NODES, WORKFLOWS, image_source, shrink
 from workflow_runner import NativeNodes, run_workflow
 
@@ -132,7 +133,7 @@ def test_models_taking_turns_keep_page_locked_cpu_copies():
     pointers = [w.data_ptr() for w in travelling_weights(dit, encoder)]
     for model in (dit, encoder):
         model.move("cuda")
-    assert all(w.device.type == "cuda" for w in [*dit.parameters(), *encoder.expert_banks()[0].buffers()])
+    assert all(w.device.type == "cuda" for w in [*dit.parameters(), *expert_banks(encoder)[0].buffers()])
     with torch.no_grad():
         on_gpu = dit(*dit_inputs).cpu(), [f.cpu() for f in encoder.features(ids, layers=(2, 5))]
     for model in (dit, encoder):

@@ -8,6 +8,7 @@ one of its tensors in an op fails ("Tensor on device cpu is not on the expected 
 import pytest
 import torch
 from pack import import_pack
+from te_files import expert_banks
 
 from lens_core import LensDiT, LensInputError, sample
 from lens_core.demo import DEMO_DIT, DEMO_VAE
@@ -161,7 +162,7 @@ def test_streamed_experts_stay_in_cpu_memory_and_decode_where_asked():
     before = encoder.features(ids, layers=(1, 3))
     encoder.set_expert_streaming(True)
     assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
-    banks = sum(bank.weights.numel() * bank.weights.element_size() for bank in encoder.expert_banks())
+    banks = sum(bank.weights.numel() * bank.weights.element_size() for bank in expert_banks(encoder))
     table = encoder.embed_tokens.weight.numel() * encoder.embed_tokens.weight.element_size()
     assert banks > 0 and device_bytes(encoder) == model_bytes(encoder) - banks - table
     encoder.move(META)

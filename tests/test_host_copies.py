@@ -12,6 +12,7 @@ import pytest
 import torch
 from cuda_stand_in import RecordingPinnedMemory
 from pack import import_pack
+from te_files import expert_banks
 
 from lens_core import apply_loras
 from lens_core.demo import DEMO_DIT, demo_dit, demo_text_encoder, demo_vae
@@ -148,10 +149,10 @@ def test_the_text_encoder_and_its_expert_banks_come_back_without_a_copy(pinning)
     ids = torch.randint(0, 1000, (1, 7))
     before = encoder.features(ids, layers=(2, 5))
     encoder.move(META, keep_host_copy=True)
-    assert all(w.device == META for bank in encoder.expert_banks() for w in weights(bank))
+    assert all(w.device == META for bank in expert_banks(encoder) for w in weights(bank))
     assert encoder.embed_tokens.weight.device.type == "cpu" and not pinning.holds(encoder.embed_tokens.weight)
     encoder.move("cpu")
-    assert all(pinning.holds(w) for bank in encoder.expert_banks() for w in weights(bank))
+    assert all(pinning.holds(w) for bank in expert_banks(encoder) for w in weights(bank))
     assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(2, 5)), before))
 
 
@@ -161,11 +162,11 @@ def test_streamed_expert_banks_stay_page_locked_on_the_cpu(pinning):
     before = encoder.features(ids, layers=(1, 3))
     encoder.set_expert_streaming(True)
     encoder.move(META, keep_host_copy=True)
-    banks = [w for bank in encoder.expert_banks() for w in weights(bank)]
+    banks = [w for bank in expert_banks(encoder) for w in weights(bank)]
     assert all(w.device.type == "cpu" and pinning.holds(w) for w in banks)
     assert encoder.layers[0].self_attn.q_proj.weight.device == META
     encoder.set_expert_streaming(False)  # the banks go up too
-    assert all(w.device == META for bank in encoder.expert_banks() for w in weights(bank))
+    assert all(w.device == META for bank in expert_banks(encoder) for w in weights(bank))
     encoder.move("cpu")
     assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
 

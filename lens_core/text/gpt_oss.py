@@ -179,9 +179,6 @@ class GptOssEncoder(nn.Module):
             resident.update({f"layers.{i}.mlp.{bank}.": True for i in range(len(self.layers)) for bank in ("gate_up", "down")})
         return resident
 
-    def expert_banks(self) -> list[nn.Module]:
-        return [bank for layer in self.layers for bank in (layer.mlp.gate_up, layer.mlp.down) if bank is not None]
-
     def move(self, device, keep_host_copy: bool = False) -> "GptOssEncoder":
         """Move the encoder (less what `cpu_resident` keeps in CPU memory) through its page-locked host copies
         (see memory/host_copies.py)."""
