@@ -17,7 +17,7 @@ from ..checkpoint.safetensors_reader import Checkpoint
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from ..errors import LensFileError
 from .experts import DenseBank, GGUFBank, InterleavedBank, check_banks
-from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
+from .gpt_oss import GptOssConfig, GptOssEncoder
 
 ARCH = "gpt-oss"
 _LAYER_NAMES = {  # ours, under layers.N. -> llama.cpp's, under blk.N.
@@ -126,7 +126,6 @@ def load_llama_cpp_encoder(ckpt: Checkpoint, device: torch.device, dtype: torch.
     embedding_kept = ckpt.gguf_type("token_embd.weight") is None  # a quantised table is decoded once, at load
     fill_from_checkpoint(model, read, device, dtype, dtype_for={"embed_tokens.weight": None if embedding_kept else dtype},
                          device_for={"embed_tokens.weight": "cpu"})
-    model.inv_freq = yarn_inv_freq_and_scale(cfg)[0]
     for i, layer in enumerate(model.layers):
         layer.mlp.gate_up, layer.mlp.down = _gate_up_bank(ckpt, i, device), _bank(ckpt, f"blk.{i}.ffn_down_exps.weight", device)
     check_banks(model, ckpt.name)

@@ -155,8 +155,10 @@ class GptOssEncoder(nn.Module):
         self.stream_experts = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.layers)])
-        # float32 RoPE frequencies, a plain attribute (not a buffer): a cast of the model must not round them
-        self.inv_freq, self.rope_scale = yarn_inv_freq_and_scale(cfg)
+        # float32 RoPE frequencies, a plain attribute (not a buffer): a cast of the model must not round them. Computed
+        # on the CPU even when the model is built on the meta device (as the loaders do), so no loader rebuilds them.
+        with torch.device("cpu"):
+            self.inv_freq, self.rope_scale = yarn_inv_freq_and_scale(cfg)
 
     @property
     def dtype(self) -> torch.dtype:

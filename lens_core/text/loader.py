@@ -18,7 +18,7 @@ from ..device import resolve_compute
 from ..errors import LensFileError
 from .experts import DenseBank, MXFP4Bank, NVFP4Bank, check_banks
 from .gguf_loader import config_from_gguf, is_llama_cpp_layout, load_llama_cpp_encoder
-from .gpt_oss import GptOssConfig, GptOssEncoder, yarn_inv_freq_and_scale
+from .gpt_oss import GptOssConfig, GptOssEncoder
 
 _EXPECTED = (
     "the GPT-OSS-20B text encoder: Comfy-Org's gpt_oss_20b_nvfp4.safetensors (models/text_encoders) "
@@ -149,7 +149,6 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None) -> GptOs
     check_against_checkpoint(model, [n for n in file_key if file_key[n] in file_keys], lambda n: ckpt.shape(file_key[n]), ckpt.name)
     fill_from_checkpoint(model, lambda n, d: ckpt.read(file_key[n], d), device, dtype, dtype_for={"embed_tokens.weight": None},
                          device_for={"embed_tokens.weight": "cpu"})  # the encoder keeps it there (see GptOssEncoder.cpu_resident)
-    model.inv_freq = yarn_inv_freq_and_scale(cfg)[0]  # computed, not stored: rebuild off the meta device
     for i, layer in enumerate(model.layers):
         base = f"{prefix}layers.{i}.mlp.experts."
         layer.mlp.gate_up, layer.mlp.down = _bank(ckpt, base + "gate_up_proj", device), _bank(ckpt, base + "down_proj", device)
