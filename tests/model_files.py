@@ -112,6 +112,35 @@ def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float 
     return raw
 
 
+# tests/converted/lens_tiny_sd_cpp_mixed.gguf: this random denoiser (seed 5), written in bf16 and converted by
+# stable-diffusion.cpp (`sd-cli -M convert --diffusion-model SRC -o OUT --type q8_0 --tensor-type-rules RULES`). The
+# rules spread every type the pack decodes over its tensors (first matching pattern wins; sd.cpp keeps img_in, txt_in
+# and the biases in the source's bf16). Hidden size 256: the K types need rows of 256 values.
+SD_CPP_DIT = DiTConfig(hidden=256, heads=2, blocks=1, mlp_hidden=256, text_width=64, text_layers=4)
+SD_CPP_SEED = 5
+SD_CPP_RULES = (r"img_qkv=q8_0,txt_qkv=q4_K,img_mod=q2_K,txt_mod=q3_K,to_out=q5_K,to_add_out=q6_K,img_mlp\.w1=iq4_xs,"
+                r"img_mlp\.w2=iq4_nl,img_mlp\.w3=q4_0,txt_mlp\.w1=q4_1,txt_mlp\.w2=q5_0,txt_mlp\.w3=q5_1,proj_out=mxfp4,"
+                r"linear_1=f16,norm_out=q4_K,_norm\d=q4_K,txt_norm\.=q8_0,attn\.norm=f32")
+SD_CPP_FILE = Path(__file__).resolve().parent / "converted" / "lens_tiny_sd_cpp_mixed.gguf"
+
+
+def dequantised_by_gguf(path, prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file as the `gguf` package dequantises it (float32), under its name less `prefix`."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name.removeprefix(prefix): torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+            for t in reader.tensors}
+
+
+def dit_inputs(text_width: int):
+    """Fixed denoiser inputs: latent tokens of a 3x4 grid, two timesteps, two prompts (the second padded)."""
+    torch.manual_seed(3)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    return (torch.randn(2, 12, 128), torch.tensor([0.9, 0.4]), torch.randn(2, 5, 4, text_width) * mask[..., None, None], mask, (3, 4))
+
+
 def finish_gguf(writer) -> None:
     """Write out and close a gguf.GGUFWriter (header, metadata, tensors)."""
     writer.write_header_to_file()

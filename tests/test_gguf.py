@@ -2,14 +2,27 @@
 GGUF file loads with its Linear weights kept quantised and computes what the same model with the weights
 dequantised by `gguf` computes; LoRA and block swap work on it; bad files get messages naming file and type.
 
-The files are written here with `gguf`'s writer, with the state-dict names that ComfyUI-GGUF's converter keeps;
-quantised weights are random blocks (valid scales, random packed values) of each type.
+One file comes from the real converter: tests/converted/lens_tiny_sd_cpp_mixed.gguf, made by stable-diffusion.cpp
+(the converter of the published Lens GGUFs) with a tensor of every type. The others are written here with `gguf`'s
+writer, with the state-dict names that ComfyUI-GGUF's converter keeps; quantised weights are quantised by `gguf` where
+it can, else random blocks (valid scales, random packed values) of each type.
 """
 
 import numpy as np
 import pytest
 import torch
-from model_files import F16_AT, finish_gguf, random_blocks, random_dit_state, write_gguf, write_single
+from model_files import (
+    F16_AT,
+    SD_CPP_DIT,
+    SD_CPP_FILE,
+    dequantised_by_gguf,
+    dit_inputs,
+    finish_gguf,
+    random_blocks,
+    random_dit_state,
+    write_gguf,
+    write_single,
+)
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's Python library) is the reference")
 from gguf.quants import dequantize as reference_dequantize  # noqa: E402
@@ -39,10 +52,7 @@ def test_float_types_read_as_they_are(qtype, np_dtype):
 
 
 def inputs():
-    torch.manual_seed(3)
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    return (torch.randn(2, 12, 128), torch.tensor([0.9, 0.4]), torch.randn(2, 5, 4, GGUF_DIT.text_width) * mask[..., None, None],
-            mask, (3, 4))
+    return dit_inputs(GGUF_DIT.text_width)
 
 
 @pytest.fixture(scope="module", params=[8, 12, 14], ids=["Q8_0", "Q4_K", "Q6_K"])
@@ -64,6 +74,21 @@ def test_a_gguf_denoiser_stays_quantised_and_computes_as_its_dequantised_weights
         out = model(*inputs())
         assert out.isfinite().all() and out.std() > 0.01
         assert torch.allclose(out, reference(*inputs()), rtol=1e-5, atol=1e-6)
+
+
+def test_a_denoiser_converted_by_stable_diffusion_cpp_computes_as_gguf_dequantises_it(tmp_path):
+    """The real converter's output (tests/converted; tests/test_real_converters.py remakes it): its names, its
+    choices of which tensors to quantise (1-D norm weights too), and one or more tensors of every type we decode."""
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(SD_CPP_FILE)).tensors}
+    assert types == {name for name, _, _ in TYPES.values()}
+    model = load_dit(SD_CPP_FILE, device="cpu", dtype=torch.float32)
+    assert len({m.qtype for m in model.modules() if isinstance(m, GGUFLinear)}) == 13  # all but the float types stay packed
+    dense = load_dit(write_single(dequantised_by_gguf(SD_CPP_FILE), tmp_path / "dense.safetensors", dtype=torch.float32), device="cpu",
+                     dtype=torch.float32)
+    with torch.no_grad():
+        out = model(*dit_inputs(SD_CPP_DIT.text_width))
+        assert out.isfinite().all() and out.std() > 0.01
+        assert torch.allclose(out, dense(*dit_inputs(SD_CPP_DIT.text_width)), rtol=1e-5, atol=1e-6)
 
 
 def test_stable_diffusion_cpps_names_load_too(tmp_path):
@@ -129,8 +154,7 @@ def test_the_loader_node_lists_and_runs_a_gguf_denoiser(models_dir, tmp_path):
     (root / "diffusion_models").mkdir(parents=True)
     for sub in ("text_encoders", "vae", "loras"):
         (root / sub).symlink_to(models_dir / sub)
-    config = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)  # the models folder's
-    write_gguf(root / "diffusion_models" / "lens_turbo_q8_0.gguf", random_dit_state(config), 8, np.random.default_rng(2))
+    (root / "diffusion_models" / "lens_turbo_q8_0.gguf").symlink_to(SD_CPP_FILE)  # text width 64, as the models folder's encoder
     bridge.set_models_dir(root)
     try:
         loader = nodes["LensPackModelLoader"]()
