@@ -48,8 +48,7 @@ def _private_prompt_cache(tmp_path_factory, monkeypatch):
 def models_dir(tmp_path_factory):
     """A ComfyUI models folder of tiny random files in the real formats, under the names Comfy-Org publishes (and GGUF
     files under the example workflow's names), set as the pack's models folder (for the node and workflow tests)."""
-    import numpy as np
-    from model_files import random_dit_state, write_gguf, write_single
+    from model_files import SD_CPP_FILE, random_dit_state, write_single
     from pack import import_pack
     from safetensors.torch import save_file
     from te_files import hf_reference, write_comfy_nvfp4, write_llama_cpp_gguf
@@ -63,7 +62,7 @@ def models_dir(tmp_path_factory):
     state = random_dit_state(DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4))
     write_single(state, root / "diffusion_models" / "lens_bf16.safetensors")
     write_single(state, root / "diffusion_models" / "lens_turbo_bf16.safetensors")
-    write_gguf(root / "diffusion_models" / "lens_turbo-Q8_0.gguf", state, 8, np.random.default_rng(0))
+    (root / "diffusion_models" / "lens_turbo-Q8_0.gguf").symlink_to(SD_CPP_FILE)  # stable-diffusion.cpp's output, every type
     model, cfg = hf_reference(layers=24, experts=4, top_k=4, window=128, vocab=201088)
     write_comfy_nvfp4(model, root / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")
     write_llama_cpp_gguf(model, cfg, root / "text_encoders" / "gpt-oss-20b-mxfp4.gguf")
