@@ -144,30 +144,21 @@ def test_a_truncated_or_renamed_file_says_so(gguf_dit, tmp_path):
         load_dit(tmp_path / "renamed.gguf", device="cpu")
 
 
-def test_the_loader_node_lists_and_runs_a_gguf_denoiser(models_dir, tmp_path):
+def test_the_loader_node_lists_and_runs_a_gguf_denoiser(models_dir):
+    """The models folder's `lens_turbo-Q8_0.gguf` is stable-diffusion.cpp's converted file (tests/converted/)."""
     from pack import import_pack
 
-    pack = import_pack()
-    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["x"])
-    nodes = pack.NODE_CLASS_MAPPINGS
-    root = tmp_path / "models"
-    (root / "diffusion_models").mkdir(parents=True)
-    for sub in ("text_encoders", "vae", "loras"):
-        (root / sub).symlink_to(models_dir / sub)
-    (root / "diffusion_models" / "lens_turbo_q8_0.gguf").symlink_to(SD_CPP_FILE)  # text width 64, as the models folder's encoder
-    bridge.set_models_dir(root)
-    try:
-        loader = nodes["LensPackModelLoader"]()
-        assert "lens_turbo_q8_0.gguf" in loader.INPUT_TYPES()["required"]["dit_name"][0]
-        model, encoder, _ = loader.load("lens_turbo_q8_0.gguf", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32",
-                                        False, "gpu", False, 0)
-        assert model.extras["variant"] == "turbo"
-        assert any(type(m).__name__ == "GGUFLinear" for m in model.model.modules())  # the pack's own copy of lens_core
-        positive, _ = nodes["LensPackTextEncode"]().encode(encoder, "a red fox", "")
-        (latent,) = nodes["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)
-        assert latent["samples"].isfinite().all()
-    finally:
-        bridge.set_models_dir(models_dir)
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+    assert (models_dir / "diffusion_models" / "lens_turbo-Q8_0.gguf").resolve() == SD_CPP_FILE
+    loader = nodes["LensPackModelLoader"]()
+    assert "lens_turbo-Q8_0.gguf" in loader.INPUT_TYPES()["required"]["dit_name"][0]
+    model, encoder, _ = loader.load("lens_turbo-Q8_0.gguf", "gpt_oss_20b_nvfp4.safetensors", "flux2-vae.safetensors", "auto", "fp32",
+                                    False, "gpu", False, 0)
+    assert model.extras["variant"] == "turbo"
+    assert any(type(m).__name__ == "GGUFLinear" for m in model.model.modules())  # the pack's own copy of lens_core
+    positive, _ = nodes["LensPackTextEncode"]().encode(encoder, "a red fox", "")
+    (latent,) = nodes["LensPackTurboSampler"]().run(model, positive, {"samples": torch.zeros(1, 128, 3, 4)}, 1, 2)
+    assert latent["samples"].isfinite().all()
 
 
 @pytest.mark.parametrize("fuse_gate_up", [False, True], ids=["gate_up_split", "gate_up_fused"])
