@@ -31,7 +31,7 @@ from bench_lora import seconds_per_forward  # noqa: E402
 from model_files import random_dit_state, write_gguf, write_single  # noqa: E402
 
 from lens_core import DiTConfig, load_dit  # noqa: E402
-from lens_core.device import model_bytes  # noqa: E402
+from lens_core.placement import weight_bytes as model_bytes  # noqa: E402
 
 TYPES = {"Q8_0": 8, "Q6_K": 14, "Q5_K": 13, "Q4_K": 12, "Q4_0": 2, "IQ4_XS": 23}
 

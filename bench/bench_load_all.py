@@ -57,32 +57,26 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def timed_move(model, device: str) -> float:
-    """Seconds to move a model (with whatever it holds outside its parameters) to `device`, the way the nodes do."""
+def timed_place(model, device: str) -> float:
+    """Seconds to place a model on `device` the way LensPipeline and the command line do (lens_core/placement.py)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.move(device)
+    model.place(device)
     torch.cuda.synchronize()  # a move may return before its copies end
     return time.perf_counter() - start
 
 
 def round_trips(model, device: str, nbytes: int) -> dict:
-    """GB/s of each direction: from ordinary memory (baseline), the first trip with page-locked copies, a later one."""
-    from lens_core.memory import pinned
-
-    provider = pinned.provider
-    pinned.provider = pinned.TorchPinnedMemory(0)
-    trips = {"ordinary": (timed_move(model, device), timed_move(model, "cpu"))}
-    pinned.provider = provider
-    trips["first"] = (timed_move(model, device), timed_move(model, "cpu"))
-    trips["later"] = (timed_move(model, device), timed_move(model, "cpu"))
+    """GB/s of each direction, twice (the first trip up is from the file's freshly read memory)."""
+    trips = {"first": (timed_place(model, device), timed_place(model, "cpu")),
+             "later": (timed_place(model, device), timed_place(model, "cpu"))}
     return {f"{name}_{way}_gb_per_s": round(nbytes / seconds / 1e9, 1)
             for name, pair in trips.items() for way, seconds in zip(("up", "down"), pair)}
 
 
 def child(folder: Path, dtype: torch.dtype, device: str) -> None:
     from lens_core import load_dit, load_text_encoder, load_vae
-    from lens_core.device import device_bytes, model_bytes
+    from lens_core.placement import weight_bytes
 
     loaders = (("denoiser", lambda: load_dit(folder / DIT_FILE, device="cpu", dtype=dtype)),
                ("text encoder", lambda: load_text_encoder(folder / TE_FOLDER, device="cpu", dtype=dtype)),
@@ -92,13 +86,13 @@ def child(folder: Path, dtype: torch.dtype, device: str) -> None:
         start = time.perf_counter()
         model = load()
         held.append(model)
-        size = model_bytes(model)
+        size = weight_bytes(getattr(model, "model", model))
         total += size
         report = {"model": what, "dtype": str(dtype), "load_seconds": round(time.perf_counter() - start, 1),
                   "model_gb": round(size / 1e9, 2), "all_loaded_gb": round(total / 1e9, 2),
                   "peak_rss_gb": round(peak_rss() / 1e9, 2), "peak_over_loaded": round(peak_rss() / total, 3)}
         if device != "cpu":
-            moved = device_bytes(model)
+            moved = weight_bytes(getattr(model, "model", model), skip=getattr(model, "keeps_on_cpu", lambda: ())())
             report |= {"moved_gb": round(moved / 1e9, 2), **round_trips(model, device, moved)}
         print(json.dumps(report), flush=True)
 

@@ -30,7 +30,7 @@ def run(dit, size: int, steps: int, cfg: float, text_tokens: int, device: torch.
     features = torch.randn(1, text_tokens, dit.config.text_layers, dit.config.text_width)
     cond = (features, torch.ones(1, text_tokens, dtype=torch.bool))
     uncond = (torch.zeros(1, 0, dit.config.text_layers, dit.config.text_width), torch.zeros(1, 0, dtype=torch.bool))
-    noise = make_noise(0, (1, 128, size // 16, size // 16), convention="comfy")
+    noise = make_noise(0, (1, 128, size // 16, size // 16))
     with torch.no_grad():
         sample(dit, noise, cond, uncond, steps=1, cfg=cfg, batch_cfg=batch_cfg)  # warm-up: kernels chosen, memory pools filled
         if device.type == "cuda":
@@ -63,15 +63,14 @@ def main() -> None:
                         help="CFG's two passes one after the other, each on unpadded text with no mask (sample(batch_cfg=False))")
     args = parser.parse_args()
     device, dtype = resolve_compute(args.device, args.dtype, "the benchmark denoiser")
-    dit, warm_up = benchmark_dit(args.blocks, device, dtype, args.mode)
+    dit = benchmark_dit(args.blocks, device, dtype, args.mode)
     dit.swap_blocks(args.blocks_on_cpu)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     for size in args.sizes:
         for variant, steps, cfg in (("turbo", args.turbo_steps, 1.0), ("lens", args.lens_steps, 5.0)):
             result = run(dit, size, steps, cfg, args.text_tokens, device, batch_cfg=not args.separate_cfg)
             print(json.dumps({"variant": variant, "mode": args.mode, "blocks_on_cpu": args.blocks_on_cpu, "separate_cfg": args.separate_cfg,
-                              "device": name, "dtype": str(dtype), "blocks": args.blocks,
-                              "compile_warm_up_s": round(warm_up, 1), **result}), flush=True)
+                              "device": name, "dtype": str(dtype), "blocks": args.blocks, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def child(folder: str, device: str, stream_experts: bool) -> None:
     encoder = load_text_encoder(folder, device="cpu" if stream_experts else device)
     if stream_experts:
         encoder.set_expert_streaming(True)
-        encoder.move(device)
+        encoder.place(device)
     loaded = time.perf_counter()
     tokenizer = load_tokenizer()
     prompt = " ".join(["a quiet harbour town at dawn, fishing boats, gulls, mist over the water"] * 18)

@@ -14,8 +14,9 @@ from pathlib import Path
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .device import describe, parse_device
+from .device import describe, parse_device, resolve_compute
 from .errors import LensError, LensInputError
+from .placement import TEXT_ENCODER_PLACEMENTS
 from .presets import ASPECTS, VARIANTS, bucket_size, check_in_range, guess_variant
 from .sampling import check_size
 from .text.prompt import template_date
@@ -147,6 +148,12 @@ def build_parser(prog: str = "lens") -> argparse.ArgumentParser:
     gen.add_argument("--vae", required=True, type=Path, help="flux2-vae.safetensors, ae.safetensors or vae/ folder")
     gen.add_argument("--variant", choices=("auto", *VARIANTS), default="auto", help="auto: from the DiT file name")
     gen.add_argument("--device", help="cuda, cuda:1, xpu, mps or cpu (default: the best one available)")
+    gen.add_argument("--blocks-on-cpu", type=_int_arg, default=-1,
+                     help="block swap: this many of the denoiser's blocks stay in CPU memory and stream to the GPU as they run; "
+                          "-1 (default): as many as the GPU's size needs, 0: none")
+    gen.add_argument("--text-encoder-device", choices=TEXT_ENCODER_PLACEMENTS, default="auto",
+                     help="auto (default): the whole encoder on the GPU where it fits, else gpu_stream_experts (its expert "
+                          "banks stay in CPU memory, each routed expert copied over); cpu: run it on the CPU")
     gen.add_argument("--date", default="frozen", help="template date: frozen (2026-05-23, default), today, or YYYY-MM-DD")
     _add_sampling_args(gen, "the variant's (Base 50, Lens 20, Turbo 4)", "the variant's (5.0, or 1.0 for Turbo)")
     demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (no weights needed; the image is "
@@ -155,6 +162,28 @@ def build_parser(prog: str = "lens") -> argparse.ArgumentParser:
     _add_sampling_args(demo, "4", "5.0")
     demo.set_defaults(steps=4, cfg=5.0)
     return parser
+
+
+def _load_pipeline(args):
+    """The three models loaded into CPU memory, in the dtype of the device they will take turns on, with the block
+    swap and text-encoder placement asked for (or picked from the GPU's size)."""
+    from . import load_dit, load_text_encoder, load_tokenizer, load_vae, placement
+    from .pipeline import LensPipeline
+    from .text.cache import PromptCache
+
+    device, dtype = resolve_compute(args.device, None, what="the Lens models")
+    dit = load_dit(args.dit, device="cpu", dtype=dtype)
+    variant = guess_variant(str(args.dit), dit.file_metadata) if args.variant == "auto" else args.variant
+    encoder = load_text_encoder(args.text_encoder, device="cpu", dtype=dtype)
+    vae = load_vae(args.vae, device="cpu", dtype=dtype)
+    dit.swap_blocks(placement.blocks_on_cpu(args.blocks_on_cpu, dit, device))
+    encoder_placement = placement.text_encoder_placement(args.text_encoder_device, encoder, device)
+    encoder.set_expert_streaming(encoder_placement == "gpu_stream_experts")
+    for what, model in ((f"denoiser {args.dit}", dit), (f"text encoder {args.text_encoder} ({encoder_placement})", encoder),
+                        (f"VAE {args.vae}", vae)):
+        print(describe(what, model, device), file=sys.stderr)
+    return LensPipeline(dit, encoder, load_tokenizer(args.text_encoder), vae, variant=variant, prompt_cache=PromptCache(),
+                        date=args.date, device=device, encoder_device="cpu" if encoder_placement == "cpu" else device)
 
 
 def main(argv: list[str] | None = None, prog: str = "lens") -> int:
@@ -173,7 +202,6 @@ def main(argv: list[str] | None = None, prog: str = "lens") -> int:
 
 def _run(args) -> int:
     from .pipeline import LensPipeline
-    from .text.cache import PromptCache
 
     started = time.time()
     height, width = validate(args)
@@ -186,18 +214,8 @@ def _run(args) -> int:
         for what, model in (("denoiser", dit), ("text encoder", encoder), ("VAE", vae)):
             print(describe(what, model), file=sys.stderr)
     else:
-        from . import load_dit, load_text_encoder, load_tokenizer, load_vae
-
-        dit = load_dit(args.dit, device=args.device)
-        print(describe(f"denoiser {args.dit}", dit), file=sys.stderr)
-        variant = guess_variant(str(args.dit), dit.file_metadata) if args.variant == "auto" else args.variant
-        encoder = load_text_encoder(args.text_encoder, device=args.device)
-        tokenizer = load_tokenizer(args.text_encoder)
-        print(describe(f"text encoder {args.text_encoder}", encoder), file=sys.stderr)
-        vae = load_vae(args.vae, device=args.device)
-        print(describe(f"VAE {args.vae}", vae), file=sys.stderr)
-        pipe = LensPipeline(dit, encoder, tokenizer, vae, variant=variant, prompt_cache=PromptCache(), date=args.date)
-        model_name = f"{VARIANTS[variant].name} ({Path(args.dit).name})"
+        pipe = _load_pipeline(args)
+        model_name = f"{VARIANTS[pipe.variant].name} ({Path(args.dit).name})"
     steps = VARIANTS[pipe.variant].steps if args.steps is None else args.steps
     cfg = VARIANTS[pipe.variant].cfg if args.cfg is None else args.cfg
     images = pipe(args.prompt, args.negative, steps=steps, cfg=cfg, seed=args.seed, height=height, width=width,

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .dit.model import DiTConfig, LensDiT
-from .text.experts import DenseBank
 from .text.gpt_oss import GptOssConfig, GptOssEncoder
 from .text.tokenizer import load_tokenizer
 from .vae.autoencoder import LensVAE
@@ -41,13 +40,8 @@ def demo_dit(seed: int = 0) -> LensDiT:
 
 
 def demo_text_encoder(seed: int = 1) -> GptOssEncoder:
-    model = GptOssEncoder(DEMO_TEXT).eval()
-    generator = torch.Generator().manual_seed(seed)
-    _randomise(model, generator)
-    cfg = DEMO_TEXT
-    for layer in model.layers:
-        layer.mlp.gate_up = DenseBank(0.1 * torch.randn(cfg.experts, 2 * cfg.expert_hidden, cfg.hidden, generator=generator), transposed=False)
-        layer.mlp.down = DenseBank(0.1 * torch.randn(cfg.experts, cfg.hidden, cfg.expert_hidden, generator=generator), transposed=False)
+    model = GptOssEncoder(DEMO_TEXT).eval()  # dense expert banks
+    _randomise(model, torch.Generator().manual_seed(seed))
     model.identity = f"demo-text-encoder-{seed}"
     return model
 

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .errors import LensInputError
-from .memory.host_copies import cpu_resident, named_weights
+from .placement import weight_bytes
 
 log = logging.getLogger("lens_core")
 
@@ -123,28 +123,9 @@ def resolve_compute(device, dtype, what: str) -> tuple[torch.device, torch.dtype
     return device, dtype
 
 
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def model_bytes(model) -> int:
-    """Bytes of a model's weights (parameters and buffers: packed expert banks and fp8 weights are buffers)."""
-    module = getattr(model, "model", model)
-    return _tensor_bytes([*module.parameters(), *module.buffers()])
-
-
-def device_bytes(model) -> int:
-    """What a model takes on its device: its weights less what stays in CPU memory by design (a model names it
-    with `cpu_resident()`: the blocks a block swap keeps there, the text encoder's token embedding and streamed
-    expert banks)."""
-    module = getattr(model, "model", model)
-    stays = tuple(cpu_resident(module))
-    return _tensor_bytes(t for name, t in named_weights(module) if not name.startswith(stays))
-
-
 def describe(what: str, model, runs_on: torch.device | None = None) -> str:
     """One line for the log: which model, how large, in which dtype, where it is and where it computes."""
-    size = model_bytes(model)
+    size = weight_bytes(getattr(model, "model", model))
     amount = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
     place = f"on {model.device}" if runs_on is None or runs_on == model.device else f"held on {model.device}, runs on {runs_on}"
     return f"{what}: {amount} of weights, {str(model.dtype).removeprefix('torch.')}, {place}"

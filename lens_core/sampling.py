@@ -1,7 +1,8 @@
 """Flow-matching schedule, norm-rescaled guidance and the Euler sampler (docs/architecture.md, Sampling).
 
-Plain functions, FLUX-style: `schedule_sigmas` -> N+1 sigmas; `sample` runs N Euler steps
-x <- x + (sigma_next - sigma) * v with the update in float32.
+Plain functions, FLUX-style: `schedule_sigmas` -> N+1 sigmas; `euler` runs N Euler steps
+x <- x + (sigma_next - sigma) * v with the update in float32; `sample` ties them to a denoiser. Inside ComfyUI the
+same `euler`, schedule and guidance run under ComfyUI's sampling (nodes/sampler.py).
 """
 
 from __future__ import annotations
@@ -69,55 +70,30 @@ def schedule_sigmas(steps: int, height: int, width: int, shift: float | None = N
     return torch.cat([shifted, torch.zeros(1, dtype=torch.float64)]).float()
 
 
-def norm_rescaled_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """comb = v_u + g (v_c - v_u), rescaled per token to the norm of v_c (over the channel axis)."""
+def norm_rescaled_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, channel_dim: int = -1) -> torch.Tensor:
+    """comb = v_u + g (v_c - v_u), rescaled per token to the norm of v_c over the channel axis (the last one in the
+    token layout, 1 in the latent layout). Any common positive multiple of the velocities gives the same direction and
+    ratio, so sigma * v (what ComfyUI's guidance sees) works as well as v."""
     comb = v_uncond + scale * (v_cond - v_uncond)
-    comb_norm = comb.norm(dim=-1, keepdim=True)
-    factor = torch.where(comb_norm > 0, v_cond.norm(dim=-1, keepdim=True) / comb_norm.clamp_min(1e-12), torch.ones_like(comb_norm))
+    comb_norm = comb.norm(dim=channel_dim, keepdim=True)
+    cond_norm = v_cond.norm(dim=channel_dim, keepdim=True)
+    factor = torch.where(comb_norm > 0, cond_norm / comb_norm.clamp_min(1e-12), torch.ones_like(comb_norm))
     return comb * factor
 
 
-def make_noise(seed: int, shape: tuple[int, int, int, int], convention: str = "reference",
-               batch_index: list[int] | None = None) -> torch.Tensor:
-    """Starting noise [B, 128, h, w] in float32, always drawn on the CPU so a seed gives the same image on any device.
-
-    convention "reference" (LensPipeline, the command line): image i is drawn from seed + i in the
-    reference's token order [h*w, 128], so any image of a batch can be re-made alone.
-    convention "comfy" (the sampler nodes): ComfyUI's `prepare_noise`: one generator seeded with `seed`
-    draws the whole [B, 128, h, w] batch; with `batch_index` (a LATENT's "batch_index") image i gets the
-    batch_index[i]-th draw, so a native graph with the same seed starts from the same noise.
-    """
+def make_noise(seed: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The reference's starting noise [B, 128, h, w] in float32, drawn on the CPU so a seed gives the same image on any
+    device: image i is drawn from seed + i in the reference's token order [h*w, 128], so any image of a batch can be
+    re-made alone. (The ComfyUI nodes draw ComfyUI's own noise instead, so a seed matches native graphs.)"""
     batch, channels, h, w = shape
     if batch < 1:
         raise LensInputError(f"the latent's batch size is {batch}; it must be at least 1.")
-    seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds run up to 2**64 - 1
-    if convention == "comfy":
-        generator = torch.Generator("cpu").manual_seed(seed)
-        if batch_index is None:
-            return torch.randn(shape, generator=generator)
-        _check_batch_index(batch_index, batch)
-        wanted, kept = set(batch_index), {}
-        for i in range(max(batch_index) + 1):  # every draw is made (same noise as ComfyUI), only the used ones kept
-            draw = torch.randn(1, channels, h, w, generator=generator)
-            if i in wanted:
-                kept[i] = draw
-        return torch.cat([kept[i] for i in batch_index])
-    if convention != "reference":
-        raise LensInputError(f"unknown noise convention {convention!r}; use 'reference' or 'comfy'.")
+    seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
     images = []
     for i in range(batch):
         generator = torch.Generator("cpu").manual_seed((seed + i) & 0xFFFF_FFFF_FFFF_FFFF)
         images.append(tokens_to_latent(torch.randn(1, h * w, channels, generator=generator), (h, w)))
     return torch.cat(images)
-
-
-def _check_batch_index(batch_index, batch: int) -> None:
-    """A LATENT's batch_index: one whole number >= 0 per image of the batch."""
-    if (not isinstance(batch_index, (list, tuple)) or len(batch_index) != batch
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in batch_index)):
-        raise LensInputError(f"the latent's batch_index {str(batch_index)[:80]} does not fit its batch of {batch}: it needs "
-                             f"{batch} whole numbers >= 0 (which noise draw each image takes). Rebuild the latent with "
-                             "Lens Empty Latent, or fix the node that set batch_index.")
 
 
 def _pad_text(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,39 +228,58 @@ def sample(
     batch, _, h, w = noise.shape
     use_cfg = cfg != 1.0
     device = dit.device
-    sigmas = _img2img_sigmas(steps, denoise, h, w, shift).to(device, torch.float32)
+    sigmas = img2img_sigmas(steps, denoise, h * 16, w * 16, shift).to(device, torch.float32)
     cond, uncond, batched_text = _prepare_text(dit, cond, uncond if use_cfg else None, batch, batch_cfg)
     x = latent_to_tokens(noise.to(device, torch.float32))
     if init_latent is not None and denoise < 1.0:
         x = (1.0 - sigmas[0]) * latent_to_tokens(init_latent.to(device, torch.float32)) + sigmas[0] * x
-    total = len(sigmas) - 1
-    for i in range(total):
-        if should_stop is not None and should_stop():
-            raise Cancelled()
-        sigma = sigmas[i].expand(batch)
-        v = _velocity(dit, x, sigma, cond, uncond, cfg, (h, w), batched_text)
-        x0 = x - sigmas[i] * v
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
+
+    def velocity(x, sigma):
+        return _velocity(dit, x, sigma.expand(batch), cond, uncond, cfg, (h, w), batched_text)
+
+    def on_step(step, total, x0):
         if callback is not None:
-            callback(i + 1, total, tokens_to_latent(x0, (h, w)))
+            callback(step, total, tokens_to_latent(x0, (h, w)))
+
+    x = euler(velocity, x, sigmas, on_step, should_stop)
     require_finite(x, "the sampled latent", "The weights were checked when loaded, so the compute went wrong: try "
                                             "weight_dtype fp32 or bf16, or remove nodes that patch the model.")
     return tokens_to_latent(x, (h, w))
 
 
+def euler(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+          callback: Callable[[int, int, torch.Tensor], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The flow-matching Euler loop, in float32: for each step, v = velocity(x, sigma_i), x0 = x - sigma_i v,
+    x <- x + (sigma_{i+1} - sigma_i) v; callback(step, total, x0) after each step; should_stop() is polled before each
+    step and raises `Cancelled` when it returns True. Any layout: the update is elementwise."""
+    x = x.float()
+    total = len(sigmas) - 1
+    for i in range(total):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        v = velocity(x, sigmas[i]).float()
+        x0 = x - sigmas[i] * v
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        if callback is not None:
+            callback(i + 1, total, x0)
+    return x
+
+
 MAX_SCHEDULE_STEPS = 100_000
 
 
-def _img2img_sigmas(steps: int, denoise: float, h: int, w: int, shift: float | None) -> torch.Tensor:
-    """The last `steps` + 1 sigmas of the schedule a full run of steps / denoise steps would take (all of them at
-    denoise 1; none to take at denoise 0)."""
+def img2img_sigmas(steps: int, denoise: float, height: int, width: int, shift: float | None = None) -> torch.Tensor:
+    """The last `steps` + 1 sigmas of the schedule a full run of steps / denoise steps would take at height x width
+    pixels (all of them at denoise 1; none to take at denoise 0)."""
     if denoise <= 0:
         return torch.zeros(1)
     full_steps = steps if denoise >= 1.0 else max(1, round(steps / denoise))
     if full_steps > MAX_SCHEDULE_STEPS:
-        raise LensInputError(f"denoise {denoise:g} with {steps} steps means a {full_steps:,}-step schedule; use denoise "
-                             f">= {steps / MAX_SCHEDULE_STEPS:g} (or fewer steps).")
-    return schedule_sigmas(full_steps, h * 16, w * 16, shift)[-(steps + 1):]
+        raise LensInputError(f"denoise {denoise:g} with {steps} steps means a {full_steps:,}-step schedule, more than the "
+                             f"{MAX_SCHEDULE_STEPS:,} this pack computes; raise denoise or lower steps so that steps / denoise "
+                             f"stays at or below {MAX_SCHEDULE_STEPS:,}.")
+    return schedule_sigmas(full_steps, height, width, shift)[-(steps + 1):]
 
 
 def _velocity(dit, x, sigma, cond, uncond, cfg, grid, batched_text) -> torch.Tensor:

@@ -4,7 +4,7 @@ from .encode import LensTextEncode
 from .latent import LensEmptyLatent
 from .loader import LensModelLoader
 from .lora import LensLoraLoader
-from .sampler import LensSampler, LensTurboSampler
+from .sampler import LensCFGGuider, LensSampler, LensScheduler, LensTurboSampler
 from .vae import LensVAEDecode, LensVAEEncode
 
 NODE_CLASS_MAPPINGS = {
@@ -16,6 +16,8 @@ NODE_CLASS_MAPPINGS = {
     "LensPackVAEDecode": LensVAEDecode,
     "LensPackVAEEncode": LensVAEEncode,
     "LensPackLoraLoader": LensLoraLoader,
+    "LensPackScheduler": LensScheduler,
+    "LensPackCFGGuider": LensCFGGuider,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LensPackModelLoader": "Lens Model Loader",
@@ -26,4 +28,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensPackVAEDecode": "Lens VAE Decode",
     "LensPackVAEEncode": "Lens VAE Encode",
     "LensPackLoraLoader": "Lens LoRA Loader",
+    "LensPackScheduler": "Lens Scheduler",
+    "LensPackCFGGuider": "Lens CFG Guider",
 }

@@ -1,8 +1,8 @@
-"""Everything the nodes need from ComfyUI, with plain fallbacks so the pack imports and runs without it.
+"""Everything the nodes take from ComfyUI, imported in this one place.
 
-Inside ComfyUI: model folders from `folder_paths`, devices and interruption from
-`comfy.model_management`, progress and previews from `comfy.utils.ProgressBar`. Outside (tests,
-scripts): a models folder set with `set_models_dir` (or $LENS_MODELS_DIR), the CPU, and no-ops.
+Inside ComfyUI every name below is ComfyUI's module. Outside it (tests, scripts that import the pack) they are None
+and the pack still imports: the nodes' definitions load, the model dropdowns list a models folder set with
+`set_models_dir` (or $LENS_MODELS_DIR), and running a node that needs ComfyUI says so.
 """
 
 from __future__ import annotations
@@ -10,56 +10,40 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from ..lens_core.device import default_device
-from ..lens_core.memory import pinned
-from .comfy_models import REPLACED_METHODS
+from ..lens_core.errors import LensInputError
 
 try:
     import folder_paths
 except ImportError:
     folder_paths = None
 try:
+    import comfy.conds as conds
+    import comfy.latent_formats as latent_formats
+    import comfy.lora as lora
+    import comfy.model_base as model_base
     import comfy.model_management as model_management
     import comfy.model_patcher as model_patcher
-    import comfy.utils as comfy_utils
-    from comfy.cli_args import LatentPreviewMethod
-    from comfy.cli_args import args as comfy_args
+    import comfy.ops as ops
+    import comfy.patcher_extension as patcher_extension
+    import comfy.sample as sample
+    import comfy.samplers as samplers
+    import comfy.supported_models as supported_models
+    import comfy.supported_models_base as supported_models_base
+    import comfy.utils as utils
+    import latent_preview
 except ImportError:
-    model_management = None
-    model_patcher = None
-    comfy_utils = None
-    comfy_args = None
+    conds = latent_formats = lora = model_base = model_management = model_patcher = ops = patcher_extension = None
+    sample = samplers = supported_models = supported_models_base = utils = latent_preview = None
 
-
-try:
-    import comfy.memory_management as memory_management
-except ImportError:
-    memory_management = None
-
-if model_management is not None and hasattr(model_management, "pin_memory") and hasattr(model_management, "unpin_memory"):
-    pinned.provider = pinned.ComfyUIPinnedMemory(model_management)  # ComfyUI's page-locking and budget, not the pack's own
-
-
-def dynamic_vram() -> bool:
-    """Whether ComfyUI runs with dynamic VRAM (its own weight streaming, which loads models in a worker thread)."""
-    return bool(getattr(memory_management, "aimdo_enabled", False))
-
-
-def model_manager_takes_lens_models() -> bool:
-    """Whether Lens models go through ComfyUI's model manager (comfy_models.py), decided from the API that is present,
-    never from an error (with dynamic VRAM an error raised while loading reaches only ComfyUI's loader thread): a
-    ComfyUI with `load_models_gpu` and the classic ModelPatcher, without dynamic VRAM. Otherwise the nodes move the
-    models themselves, after asking ComfyUI to free the memory (managed.py)."""
-    if model_management is None or model_patcher is None or dynamic_vram():
-        return False
-    base = getattr(model_patcher, "ModelPatcher", None)
-    return hasattr(model_management, "load_models_gpu") and base is not None and all(hasattr(base, m) for m in REPLACED_METHODS)
+def require_comfyui(what: str) -> None:
+    if model_management is None:
+        raise LensInputError(f"{what} runs inside ComfyUI: install the pack in ComfyUI/custom_nodes (outside ComfyUI, use "
+                             "lens_core's LensPipeline or `python -m lens_core generate`).")
 
 
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),
            "loras": ("loras",)}
+GGUF_KINDS = ("diffusion_models", "text_encoders")  # where GGUF files are offered (ComfyUI's own lists leave .gguf out)
 _models_dir = Path(os.environ.get("LENS_MODELS_DIR", "models"))
 
 
@@ -69,11 +53,18 @@ def set_models_dir(path) -> None:
     _models_dir = Path(path)
 
 
-GGUF_KINDS = ("diffusion_models", "text_encoders")  # where GGUF files are offered (ComfyUI's own lists leave .gguf out)
-
-
 def _files_in(folder: Path, pattern: str) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob(pattern)} if folder.is_dir() else set()
+    """Files (not folders) matching `pattern` below `folder`, found without following folder links (a link loop
+    cannot hang the listing)."""
+    found = set()
+    if not folder.is_dir():
+        return found
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if path.match(pattern) and path.is_file():
+                found.add(str(path.relative_to(folder)))
+    return found
 
 
 def list_models(kind: str) -> list[str]:
@@ -101,61 +92,8 @@ def model_path(kind: str, name: str) -> str:
     raise FileNotFoundError(f"{name} is not in {', '.join(str(_models_dir / s) for s in FOLDERS[kind])}.")
 
 
-def compute_device() -> torch.device:
-    """Where the models compute: ComfyUI's choice inside ComfyUI (it honours --cpu, --directml, ...), else torch's best."""
-    if model_management is not None:
-        return model_management.get_torch_device()
-    return default_device()
-
-
-def intermediate_device() -> torch.device:
+def intermediate_device():
     """Where LATENT and CONDITIONING tensors live between nodes: ComfyUI's choice (the CPU unless --gpu-only)."""
-    if model_management is not None:
-        return model_management.intermediate_device()
-    return torch.device("cpu")
+    import torch
 
-
-def offload_device() -> torch.device:
-    return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
-
-
-def free_memory_for(nbytes: int, device: torch.device) -> None:
-    """Ask ComfyUI to unload its own models until `nbytes` fit on `device` (no-op outside ComfyUI)."""
-    if model_management is not None and device.type != "cpu":
-        model_management.free_memory(nbytes, device)
-
-
-def release_memory() -> None:
-    if model_management is not None:
-        model_management.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def check_cancel() -> bool:
-    """For `sample(should_stop=...)`: raises ComfyUI's own interrupt exception when the user pressed
-    Cancel (ComfyUI reports that as a cancelled run, not an error); otherwise False."""
-    if model_management is not None:
-        model_management.throw_exception_if_processing_interrupted()
-    return False
-
-
-def previews_enabled() -> bool:
-    """False when ComfyUI runs with --preview-method none (its default): then no preview is rendered."""
-    return comfy_args is None or comfy_args.preview_method != LatentPreviewMethod.NoPreviews
-
-
-class Progress:
-    """ComfyUI's progress bar with latent previews; silent outside ComfyUI."""
-
-    def __init__(self, total: int):
-        self.bar = comfy_utils.ProgressBar(total) if comfy_utils is not None else None
-
-    @property
-    def shows_previews(self) -> bool:
-        """Whether a preview image would be seen: only then is an x0 estimate copied off the GPU and rendered."""
-        return self.bar is not None and previews_enabled()
-
-    def update(self, step: int, total: int, preview_image=None) -> None:
-        if self.bar is not None:
-            self.bar.update_absolute(step, total, ("JPEG", preview_image, 512) if preview_image is not None else None)
+    return model_management.intermediate_device() if model_management is not None else torch.device("cpu")

@@ -7,15 +7,18 @@ Native layout: one [B, S, 4*2880] tensor (the four GPT-OSS layers side by side, 
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 
 import torch
 
 from ..lens_core import PromptCache, encode_prompts
+from ..lens_core.errors import require_finite
+from . import comfy_bridge as comfy
+from .comfy_bridge import require_comfyui
 from .common import CATEGORY
 
 log = logging.getLogger("lens_core")
 _prompt_cache = PromptCache()
+ENCODER_RESERVE_BYTES = 1_500_000_000  # a 512-token prompt's activations and one layer's routed experts decoded
 
 
 def to_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
@@ -25,47 +28,38 @@ def to_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
                                    "pooled_output": None}]]
 
 
-def from_conditioning(conditioning: list, layers: int, which: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
-    """A CONDITIONING (the pack's or native Lens's) as (features [B, S, layers, C], mask [B, S] bool).
-
-    Native's empty prompt (zero tokens) comes through as S = 0; the sampler pads it, which is the reference's
-    unconditional input. Features that are all zero (ConditioningZeroOut) are read as that same empty prompt:
-    their mask is cleared, as the reference's unconditional input has no real token.
-    """
+def check_conditioning(conditioning, width: int, which: str = "positive") -> None:
+    """Refuse a CONDITIONING the Lens denoiser cannot take, with a message saying what to connect instead."""
     if not conditioning:
         raise ValueError(f"the {which} conditioning is empty: connect a Lens Text Encode (or ComfyUI's Lens text encoder) output.")
     if len(conditioning) > 1:
         raise ValueError(f"the {which} conditioning has {len(conditioning)} entries (from Conditioning Combine or a similar node); "
-                         "the Lens samplers take one. Encode the prompts together in one Lens Text Encode instead.")
+                         "Lens has no area or strength combination in the reference: encode the prompts together in one Lens "
+                         "Text Encode instead.")
     tensor, extras = conditioning[0]
-    extras = extras or {}  # some nodes write None for "no extras"
-    if tensor.ndim != 3 or tensor.shape[-1] % layers:
-        raise ValueError(f"the {which} conditioning has shape {list(tensor.shape)}; Lens needs GPT-OSS features [B, S, {layers}x2880] "
-                         "from Lens Text Encode (a CLIP/T5/Qwen conditioning will not work).")
-    mask = extras.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(tensor.shape[:2], dtype=torch.bool)
-    elif mask.numel() != tensor.shape[0] * tensor.shape[1]:
+    if not torch.is_tensor(tensor) or tensor.ndim != 3 or tensor.shape[-1] != width:
+        shape = list(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+        raise ValueError(f"the {which} conditioning has shape {shape}; Lens needs GPT-OSS features [B, S, {width}] from Lens "
+                         "Text Encode (a CLIP/T5/Qwen conditioning will not work).")
+    mask = (extras or {}).get("attention_mask")
+    if mask is not None and mask.numel() != tensor.shape[0] * tensor.shape[1]:
         raise ValueError(f"the {which} conditioning's attention_mask has shape {list(mask.shape)} but its features have "
                          f"{tensor.shape[1]} tokens (Conditioning Concat keeps one mask); encode the whole prompt in one Lens Text Encode.")
-    mask = mask.bool().reshape(tensor.shape[:2])
-    if tensor.shape[1] and not tensor.any():
-        mask = torch.zeros_like(mask)
-    return tensor.unflatten(-1, (layers, -1)), mask
+    require_finite(tensor, f"the {which} conditioning", "Encode the prompt again; if it still happens, the text encoder's "
+                                                       "weights or a node between it and the sampler are at fault.")
 
 
 class _EncoderOnDemand:
-    """The encoder as `encode_prompts` sees it: moved to its device only when a prompt is not cached,
-    so a cache hit never moves 13 GB of weights."""
+    """The encoder as `encode_prompts` sees it: put on its device by ComfyUI's model manager only when a prompt is not
+    cached, so a cache hit never moves 13 GB of weights."""
 
-    def __init__(self, managed, stack: ExitStack):
-        self._managed, self._stack, self._on_device = managed, stack, None
-        self.identity, self.config = managed.model.identity, managed.model.config
+    def __init__(self, handle):
+        self.handle = handle
+        self.identity, self.config, self.dtype = handle.encoder.identity, handle.encoder.config, handle.encoder.dtype
 
     def features(self, *args, **kwargs):
-        if self._on_device is None:
-            self._on_device = self._stack.enter_context(self._managed.use())
-        return self._on_device.features(*args, **kwargs)
+        comfy.model_management.load_models_gpu([self.handle.patcher], memory_required=ENCODER_RESERVE_BYTES)
+        return self.handle.encoder.features(*args, device=self.handle.patcher.load_device, **kwargs)
 
 
 class LensTextEncode:
@@ -92,10 +86,9 @@ class LensTextEncode:
         }}
 
     def encode(self, text_encoder, positive, negative, template_date="frozen"):
-        tokenizer = text_encoder.extras["tokenizer"]
-        with ExitStack() as stack:
-            encoder = _EncoderOnDemand(text_encoder, stack)
-            result = encode_prompts(encoder, tokenizer, [positive, negative], date=template_date, cache=_prompt_cache)
+        require_comfyui("Lens Text Encode")
+        result = encode_prompts(_EncoderOnDemand(text_encoder), text_encoder.tokenizer, [positive, negative], date=template_date,
+                                cache=_prompt_cache)
         if result.dropped_tokens[0]:
             log.warning("Lens Text Encode: the last %d tokens of the positive prompt did not fit the encoder's window and were cut.",
                         result.dropped_tokens[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,11 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cuda_stand_in import RecordingPinnedMemory  # noqa: E402 (needs the path above)
-
-from lens_core.memory import pinned  # noqa: E402
-
-SHARED_GOLDEN = ROOT.parent / "shared" / "golden"
+SHARED = Path(os.environ.get("LENS_SHARED_DIR") or ROOT.parent / "shared")  # beside a development checkout; CI names it
+SHARED_GOLDEN = SHARED / "golden"
 SHIPPED_GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
@@ -44,12 +42,11 @@ def _private_prompt_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lens_cache"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """A ComfyUI models folder of tiny random files in the real formats, under the names Comfy-Org publishes (and GGUF
-    files under the example workflow's names), set as the pack's models folder (for the node and workflow tests)."""
-    from model_files import SD_CPP_FILE, random_dit_state, write_single
-    from pack import import_pack
+    files under the example workflow's names), for the tests that run the nodes inside a real ComfyUI."""
+    from model_files import SD_CPP_DIT, SD_CPP_FILE, dequantised_by_gguf, random_dit_state, write_single
     from safetensors.torch import save_file
     from te_files import hf_reference, write_comfy_nvfp4, write_llama_cpp_gguf
 
@@ -59,10 +56,11 @@ def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         (root / sub).mkdir()
-    state = random_dit_state(DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4))
-    write_single(state, root / "diffusion_models" / "lens_bf16.safetensors")
-    write_single(state, root / "diffusion_models" / "lens_turbo_bf16.safetensors")
+    cfg = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)
+    write_single(random_dit_state(cfg, seed=1), root / "diffusion_models" / "lens_bf16.safetensors")
+    write_single(random_dit_state(cfg), root / "diffusion_models" / "lens_turbo_bf16.safetensors")
     (root / "diffusion_models" / "lens_turbo-Q8_0.gguf").symlink_to(SD_CPP_FILE)  # stable-diffusion.cpp's output, every type
+    write_single(dequantised_by_gguf(SD_CPP_FILE), root / "diffusion_models" / "lens_turbo_dense.safetensors", dtype=torch.float32)
     model, cfg = hf_reference(layers=24, experts=4, top_k=4, window=128, vocab=201088)
     write_comfy_nvfp4(model, root / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")
     write_llama_cpp_gguf(model, cfg, root / "text_encoders" / "gpt-oss-20b-mxfp4.gguf")
@@ -72,13 +70,10 @@ def models_dir(tmp_path_factory):
             for name, rows, cols in (("transformer_blocks.0.attn.img_qkv", 384, 128), ("img_in", 128, 128))
             for part, shape in (("down", (4, cols)), ("up", (rows, 4)))}
     save_file(lora, str(root / "loras" / "lens_turbo_style_lora.safetensors"))
-    __import__(import_pack().__name__ + ".nodes.comfy_bridge", fromlist=["x"]).set_models_dir(root)
+    width = SD_CPP_DIT.hidden  # a LoRA for stable-diffusion.cpp's file: on packed layers of several types, and a plain one
+    lora = {f"diffusion_model.transformer_blocks.0.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.1
+            for name, rows in (("attn.img_qkv", 3 * width), ("img_mlp.w1", SD_CPP_DIT.mlp_hidden), ("attn.to_out.0", width),
+                               ("img_mod.1", 6 * width))
+            for part, shape in (("down", (4, width)), ("up", (rows, 4)))}
+    save_file(lora, str(root / "loras" / "lens_gguf_lora.safetensors"))
     return root
-
-
-@pytest.fixture
-def pinning(monkeypatch):
-    """Page-locked memory handed out and recorded by a stand-in provider, within a fresh budget of 1 GB."""
-    fake = RecordingPinnedMemory()
-    monkeypatch.setattr(pinned, "provider", fake)
-    return fake

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from lens_core.dit.model import DiTConfig, LensDiT
-from lens_core.dit.quant import MXFP8_FORMAT
+from lens_core.quant.gguf_blocks import FLOAT_TYPES, TYPES
+
+MXFP8_FORMAT = "mxfp8"
 
 TINY_DIT = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=48, text_layers=4)
 
@@ -91,21 +93,18 @@ def dequantised(state_mx) -> dict[str, torch.Tensor]:
     return out
 
 
-# Where each GGUF block type keeps its float16 scales: they must be finite; the rest of a block may be any bytes.
-F16_AT = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208],
-          20: [0], 23: [0], 39: []}
+QUANTISED_TYPES = sorted(TYPES)
 
 
 def random_blocks(qtype: int, rows: int, values_per_row: int, rng, scale: float = 0.02):
-    """Random raw bytes (numpy uint8) of a [rows, values_per_row] tensor of ggml type `qtype`, scales up to `scale`."""
+    """Random raw bytes (numpy uint8) of a [rows, values_per_row] tensor of ggml type `qtype`, scales up to `scale`
+    (the float16 scale fields must be finite; the rest of a block may be any bytes)."""
     import numpy as np
 
-    from lens_core.checkpoint.gguf_quants import TYPES
-
-    _, block, size = TYPES[qtype]
+    block, size = TYPES[qtype].values, TYPES[qtype].nbytes
     raw = rng.integers(0, 256, (rows, values_per_row // block * size), dtype=np.uint8)
     blocks = raw.reshape(-1, size)
-    for offset in F16_AT[qtype]:
+    for offset in TYPES[qtype].scale_bytes:
         blocks[:, offset:offset + 2] = rng.uniform(-scale, scale, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
     if qtype == 39:  # MXFP4: an E8M0 scale byte near 2^log2(scale)
         blocks[:, 0] = rng.integers(-2, 1, blocks.shape[0]) + 127 + int(np.floor(np.log2(scale)))
@@ -156,12 +155,11 @@ def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architectu
     import gguf
     from gguf.quants import dequantize
 
-    from lens_core.checkpoint.gguf_quants import TYPES
-
     writer = gguf.GGUFWriter(str(path), architecture)
     reference = {}
     for name, tensor in state.items():
-        if tensor.ndim == 2 and name.endswith(".weight") and tensor.shape[1] % TYPES[qtype][1] == 0:
+        block = 1 if qtype in FLOAT_TYPES else TYPES[qtype].values
+        if tensor.ndim == 2 and name.endswith(".weight") and tensor.shape[1] % block == 0:
             try:  # what ComfyUI-GGUF's converter calls (gguf quantises Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 in numpy)
                 raw = gguf.quants.quantize(tensor.float().numpy(), gguf.GGMLQuantizationType(qtype))
             except NotImplementedError:  # the K and IQ types need llama.cpp's C++ quantiser: random blocks instead

@@ -37,6 +37,13 @@ def expert_banks(encoder) -> list:
     return [bank for layer in encoder.layers for bank in (layer.mlp.gate_up, layer.mlp.down)]
 
 
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """HF MXFP4 blocks [..., G, 16] + scales [..., G] -> float32 values [..., G * 32] (the pack's decoder)."""
+    from lens_core.quant.gguf_blocks import mxfp4_values
+
+    return mxfp4_values(blocks, scales, torch.float32, interleaved=True).flatten(-2)
+
+
 def hf_features(model, ids, mask, layers):
     captured = {}
     hooks = [model.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
@@ -175,8 +182,6 @@ def write_hf_mxfp4_folder(folder: Path, layers: int = 2, seed: int = 0):
     config.json with the mxfp4 quantization_config, tokenizer.json (the real vocabulary size, 201,088, which
     llama.cpp's converter requires). Returns transformers' GptOssModel with the experts dequantised (the reference)."""
     import json
-
-    from lens_core.text.experts import dequantize_mxfp4
 
     folder.mkdir(parents=True, exist_ok=True)
     model, cfg = hf_reference(seed=seed, layers=layers, experts=4, top_k=2, window=4, vocab=201088)

@@ -1,16 +1,22 @@
-"""Checks that need a CUDA GPU (marked `cuda`, skipped elsewhere): the GPU paths agree with the CPU reference,
-and the example workflows run end to end with every model on the GPU."""
+"""Checks that need a CUDA GPU (marked `cuda`, skipped elsewhere): the GPU paths agree with the CPU reference, the
+placement outside ComfyUI moves whole models on and off the GPU, and (tests/test_comfyui.py's scenarios, on the GPU)
+the pack runs inside real ComfyUI releases with every model on the GPU."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import SHARED
 from model_files import TINY_DIT, mxfp8_state, random_dit_state, write_single
 from safetensors.torch import save_file
-from te_files import expert_banks
-from test_nodes import NODES, WORKFLOWS, image_source, shrink
-from workflow_runner import NativeNodes, run_workflow
 
 from lens_core import load_dit
-from lens_core.dit.quant import MXFP8Linear
+from lens_core.quant import formats
+from lens_core.quant.layers import PackedLinear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -36,35 +42,32 @@ def test_mxfp8_on_cuda_matches_dequantised(tmp_path):
     state = random_dit_state()
     save_file(mxfp8_state(state), str(tmp_path / "mx.safetensors"))
     dit = load_dit(tmp_path / "mx.safetensors", device="cuda", dtype=torch.bfloat16)
-    assert any(isinstance(m, MXFP8Linear) for m in dit.modules())
+    layers = [m for m in dit.modules() if isinstance(m, PackedLinear) and m.format is formats.MXFP8_COMFY]
+    assert layers
     x, sigma, text, mask, grid = inputs("cuda")
     fast = dit(x, sigma, text, mask, grid).float()
-    for module in dit.modules():  # force the dequantise-then-matmul path on the same weights
-        if isinstance(module, MXFP8Linear):
-            module.forward = lambda x, m=module: torch.nn.functional.linear(
-                x, m.dequantized_weight(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+    for module in layers:  # force the dequantise-then-matmul path on the same weights
+        module.weight_function = [lambda weight: weight]
     slow = dit(x, sigma, text, mask, grid).float()
     assert (fast - slow).norm() / slow.norm() < 0.05
 
 
-@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_on_the_gpu(workflow, models_dir, tmp_path, monkeypatch):
-    """The nodes' models compute on CUDA, their LATENT / IMAGE outputs come back to the CPU."""
-    import lens_core.sampling
+def test_the_pack_runs_inside_comfyui_on_the_gpu(models_dir, tmp_path):
+    """tests/test_comfyui.py's scenarios with ComfyUI on the GPU (no --cpu): ComfyUI's manager loads the three models
+    there, fully and partially."""
+    tree = SHARED / "comfyui" / "0.12.1"
+    if not (tree / "comfy").is_dir():
+        pytest.skip(f"no ComfyUI source tree at {tree}")
+    from test_comfyui import SCENARIOS, TESTS
 
-    devices = []
-    original = lens_core.sampling.sample
-
-    def recording(dit, *args, **kwargs):
-        devices.append(dit.device.type)
-        return original(dit, *args, **kwargs)
-
-    sampler_module = __import__(NODES["LensPackSampler"].__module__, fromlist=["x"])
-    monkeypatch.setattr(sampler_module, "sample", recording)
-    natives = NativeNodes(image_source)
-    run_workflow(shrink(workflow, tmp_path, 5), NODES, natives)
-    (images,) = natives.saved
-    assert devices == ["cuda"] and images.device.type == "cpu" and torch.isfinite(images).all()
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": "", "LENS_CACHE_DIR": str(tmp_path / "cache"), "LENS_COMFYUI_GPU": "1"}
+    run = subprocess.run([sys.executable, str(TESTS / "comfyui_child.py"), str(tree), str(models_dir), str(tmp_path), str(out), *SCENARIOS],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-6000:]
+    results = json.loads(out.read_text())
+    failed = {name: r["error"] for name, r in results.items() if not r["ok"]}
+    assert not failed, failed
 
 
 def test_sage_attention_matches_sdpa(tmp_path):
@@ -92,67 +95,39 @@ def test_compiled_blocks_match_eager_on_cuda(tmp_path, cuda_graphs):
         assert (out - reference).norm() / reference.norm() < 0.02
 
 
-def test_streamed_weights_are_page_locked_and_copy_asynchronously():
-    from lens_core.memory import pinned
-
-    originals = [torch.randn(1000, 1000).bfloat16(), torch.arange(10)]
-    pool = pinned.Pool(originals)
-    copies = [pool.empty_like(t).copy_(t) for t in originals]
-    assert all(t.is_pinned() for t in copies)
-    on_gpu = [t.to("cuda", non_blocking=True) for t in copies]
-    torch.cuda.synchronize()
-    assert all(torch.equal(c.cpu(), t) for c, t in zip(on_gpu, originals))
-
-
-def travelling_weights(dit, encoder):
-    """What goes to the GPU and back: everything but the text encoder's token embedding, which stays in CPU memory."""
-    return [*dit.parameters(), *dit.buffers(), *(w for name, w in encoder.named_parameters() if not name.startswith("embed_tokens.")),
-            *encoder.buffers()]
-
-
-def test_models_taking_turns_keep_page_locked_cpu_copies():
-    """The first move back from the GPU lands in page-locked copies; later moves up copy from them, moves down copy
-    nothing (the same CPU memory every time), and the results stay the same. A plain `.to("cpu")` frees the GPU
-    memory too, and a collected model gives its page-locked memory back."""
-    import gc
-
-    from lens_core.demo import demo_dit, demo_text_encoder
-    from lens_core.memory import pinned
-
-    dit, encoder = demo_dit(), demo_text_encoder()
-    torch.manual_seed(0)
-    dit_inputs = (torch.randn(1, 20, 128), torch.tensor([0.6]), torch.randn(1, 6, 4, 64), None, (4, 5))
-    ids = torch.randint(0, 1000, (1, 9))
+def test_placement_moves_whole_models_and_a_failed_move_leaves_them_where_they_were(tmp_path):
+    """Outside ComfyUI: place() puts the weights on the GPU and back; nothing of the GPU copy stays referenced; a move
+    that runs out of memory halfway moves every weight back."""
+    path = write_single(random_dit_state(), tmp_path / "dit.safetensors", dtype=torch.float32)
+    dit = load_dit(path, device="cpu", dtype=torch.bfloat16)
+    x = inputs("cpu")
     with torch.no_grad():
-        before, features = dit(*dit_inputs), encoder.features(ids, layers=(2, 5))
+        before = dit(*x)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        dit.place("cuda")
+        assert all(p.device.type == "cuda" for p in dit.parameters())
+        assert (dit(*inputs("cuda")).float().cpu() - before.float()).norm() / before.float().norm() < 1e-3
+        dit.place("cpu")
+        gc.collect()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == held and torch.equal(dit(*x), before)
+    real_to = torch.Tensor.to
+    moved = []
 
-    for model in (dit, encoder):
-        model.move("cuda")
-        model.move("cpu")
-    assert all(w.is_pinned() for w in travelling_weights(dit, encoder))
-    pointers = [w.data_ptr() for w in travelling_weights(dit, encoder)]
-    for model in (dit, encoder):
-        model.move("cuda")
-    assert all(w.device.type == "cuda" for w in [*dit.parameters(), *expert_banks(encoder)[0].buffers()])
-    with torch.no_grad():
-        on_gpu = dit(*dit_inputs).cpu(), [f.cpu() for f in encoder.features(ids, layers=(2, 5))]
-    for model in (dit, encoder):
-        model.move("cpu")
-    assert [w.data_ptr() for w in travelling_weights(dit, encoder)] == pointers
-    assert (on_gpu[0] - before).norm() / before.norm() < 1e-3
-    assert all((a - b).norm() / b.norm() < 1e-3 for a, b in zip(on_gpu[1], features))
-    with torch.no_grad():
-        assert torch.equal(dit(*dit_inputs), before) and all(map(torch.equal, encoder.features(ids, layers=(2, 5)), features))
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated()
-    dit.move("cuda")
-    dit.to("cpu")  # not the pack's mover: nothing of the GPU copy may stay referenced
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == held
-    used = pinned.provider.used
-    del dit, encoder
-    gc.collect()
-    assert pinned.provider.used < used
+    def failing_to(tensor, *args, **kwargs):
+        moved.append(1)
+        if len(moved) == 20:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_to(tensor, *args, **kwargs)
+
+    torch.Tensor.to = failing_to
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            dit.place("cuda")
+    finally:
+        torch.Tensor.to = real_to
+    assert all(p.device.type == "cpu" for p in dit.parameters())
 
 
 def test_block_swap_on_cuda_matches_the_model_on_the_gpu(tmp_path):

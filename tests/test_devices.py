@@ -7,7 +7,6 @@ one of its tensors in an op fails ("Tensor on device cpu is not on the expected 
 
 import pytest
 import torch
-from pack import import_pack
 from te_files import expert_banks
 
 from lens_core import LensDiT, LensInputError, sample
@@ -86,32 +85,8 @@ def test_sampling_a_real_denoiser_on_its_device():
 def test_vae_work_happens_on_the_vae_device():
     with META:
         vae = LensVAE(FluxVAEModel(DEMO_VAE))
-    assert vae._decode_untiled(torch.randn(1, 128, 2, 3)).device == META
-    assert vae._encode_untiled(torch.rand(1, 3, 32, 48) * 2 - 1).device == META
-
-
-class MetaDenoiserModule(MetaDenoiser):
-    """The stand-in as the nodes hold it (they size models by their tensors and move them with .to)."""
-
-    def parameters(self):
-        return iter(())
-
-    buffers = named_parameters = named_buffers = parameters
-
-    def move(self, device, keep_host_copy=False):
-        return self
-
-
-def test_sampler_node_keeps_latents_where_comfyui_wants_them(monkeypatch):
-    pack = import_pack()
-    sampler = __import__(pack.__name__ + ".nodes.sampler", fromlist=["x"])
-    managed = __import__(pack.__name__ + ".nodes.managed", fromlist=["x"])
-    monkeypatch.setattr(sampler, "intermediate_device", lambda: META)  # as with ComfyUI's --gpu-only
-    model = managed.Managed(MetaDenoiserModule(), META, keep_loaded=True, extras={"variant": "lens"})
-    conditioning = [[torch.randn(1, 4, 4 * DEMO_DIT.text_width), {"attention_mask": torch.ones(1, 4, dtype=torch.int64)}]]
-    empty = [[torch.zeros(1, 0, 4 * DEMO_DIT.text_width), {"attention_mask": torch.zeros(1, 0, dtype=torch.int64)}]]
-    (latent,) = sampler.LensSampler().run(model, conditioning, empty, {"samples": torch.zeros(1, 128, 2, 2)}, 3, 2, 5.0, 1.0)
-    assert latent["samples"].device == META
+    assert vae._decode_untiled(torch.randn(1, 128, 2, 3), META).device == META
+    assert vae._encode_untiled(torch.rand(1, 3, 32, 48) * 2 - 1, META).device == META
 
 
 def test_default_device_order(monkeypatch):
@@ -155,28 +130,28 @@ def test_an_unusable_device_is_named(monkeypatch, name, message):
 
 def test_streamed_experts_stay_in_cpu_memory_and_decode_where_asked():
     from lens_core.demo import demo_text_encoder
-    from lens_core.device import device_bytes, model_bytes
+    from lens_core.placement import weight_bytes
 
     encoder = demo_text_encoder()
     ids = torch.randint(0, 1000, (1, 9))
     before = encoder.features(ids, layers=(1, 3))
     encoder.set_expert_streaming(True)
     assert all(torch.equal(a, b) for a, b in zip(encoder.features(ids, layers=(1, 3)), before))
-    banks = sum(bank.weights.numel() * bank.weights.element_size() for bank in expert_banks(encoder))
+    banks = sum(weight_bytes(bank) for bank in expert_banks(encoder))
     table = encoder.embed_tokens.weight.numel() * encoder.embed_tokens.weight.element_size()
-    assert banks > 0 and device_bytes(encoder) == model_bytes(encoder) - banks - table
-    encoder.move(META)
+    assert banks > 0 and weight_bytes(encoder, skip=encoder.keeps_on_cpu()) == weight_bytes(encoder) - banks - table
+    encoder.place(META)
     bank = encoder.layers[0].mlp.gate_up
-    assert encoder.device == META and bank.weights.device.type == "cpu"
-    assert bank.weight(1, torch.bfloat16, META).device == META
+    assert encoder.device == META and bank.weight.device.type == "cpu"
+    assert bank.expert_weight(1, torch.bfloat16, META).device == META
 
 
 def test_token_embedding_stays_in_cpu_memory_and_sends_only_the_looked_up_rows(golden, tmp_path):
-    """The 1.16 GB table never moves or casts; a forward in another dtype or on another device gets the prompt's rows."""
+    """The 1.16 GB table stays in CPU memory; a forward on another device gets the prompt's rows."""
     from te_files import golden_te_folder
 
     from lens_core import load_text_encoder
-    from lens_core.device import device_bytes, model_bytes
+    from lens_core.placement import weight_bytes
 
     folder = golden_te_folder(golden, tmp_path)
     encoder = load_text_encoder(folder, device="cpu", dtype=torch.float32)
@@ -184,10 +159,10 @@ def test_token_embedding_stays_in_cpu_memory_and_sends_only_the_looked_up_rows(g
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
     expected = load_text_encoder(folder, device="cpu", dtype=torch.bfloat16).features(ids, layers=(1,))[0]
     encoder.to(torch.bfloat16)
-    assert encoder.embed_tokens.weight is table and encoder.dtype == torch.bfloat16
+    assert encoder.dtype == torch.bfloat16
     assert torch.equal(encoder.features(ids, layers=(1,))[0], expected)  # cast after loading = loaded in bf16
-    encoder.move(META)
+    encoder.place(META)
     assert encoder.embed_tokens.weight is table and table.device.type == "cpu" and encoder.device == META
-    assert device_bytes(encoder) == model_bytes(encoder) - table.numel() * table.element_size()
-    rows = encoder.embed(ids)
+    assert weight_bytes(encoder, skip=encoder.keeps_on_cpu()) == weight_bytes(encoder) - table.numel() * table.element_size()
+    rows = encoder.embed(ids, META)
     assert rows.device == META and rows.dtype == torch.bfloat16 and rows.shape == expected.shape

@@ -176,6 +176,7 @@ def test_only_the_template_end_cut_drops_no_prompt_token():
 def test_empty_negative_never_calls_encoder():
     class NoEncoder:
         identity = "none"
+        dtype = torch.float32
 
         class config:
             hidden = 8

@@ -23,9 +23,8 @@ from model_files import SD_CPP_DIT, SD_CPP_FILE, SD_CPP_RULES, SD_CPP_SEED, dequ
 from te_files import hf_features, write_hf_mxfp4_folder
 
 from lens_core import DiTConfig, load_dit, load_text_encoder
-from lens_core.checkpoint.gguf_quants import TYPES
-from lens_core.dit.quant import GGUFLinear
-from lens_core.text.experts import GGUFBank
+from lens_core.quant.gguf_blocks import TYPES
+from lens_core.quant.layers import PackedBank, PackedLinear
 from lens_core.text.tokenizer import HARMONY_SPECIAL_TOKENS, load_tokenizer
 
 LLAMA_CPP = os.environ.get("LENS_LLAMA_CPP_DIR")
@@ -44,7 +43,7 @@ def test_llama_cpps_own_gpt_oss_gguf_computes_what_transformers_computes(tmp_pat
                              "--outtype", "f32"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     encoder = load_text_encoder(out, device="cpu")
-    assert {b.qtype for b in encoder.modules() if isinstance(b, GGUFBank)} == {39}  # MXFP4, kept packed
+    assert {b.format.qtype for b in encoder.modules() if isinstance(b, PackedBank)} == {39}  # MXFP4, kept packed
     torch.manual_seed(0)
     ids = torch.randint(0, 201088, (2, 9))
     mask = torch.ones_like(ids)
@@ -78,9 +77,9 @@ def test_stable_diffusion_cpps_whole_model_conversions_stay_quantised_and_comput
     source = write_single(random_dit_state(config, seed=1), tmp_path / "lens_bf16.safetensors")
     converted = sd_cpp_convert(source, tmp_path / f"lens_{type_name}.gguf", type_name)
     model = load_dit(converted, device="cpu", dtype=torch.float32)
-    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
-    assert {m.qtype for m in layers} == {qtype}
-    assert sum(m.weight.numel() for m in layers) == sum(m.in_features * m.out_features for m in layers) // TYPES[qtype][1] * TYPES[qtype][2]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert {m.format.qtype for m in layers} == {qtype}
+    assert sum(m.weight.numel() for m in layers) == sum(m.in_features * m.out_features for m in layers) // TYPES[qtype].values * TYPES[qtype].nbytes
     dense = load_dit(write_single(dequantised_by_gguf(converted), tmp_path / "dense.safetensors", dtype=torch.float32), device="cpu",
                      dtype=torch.float32)
     with torch.no_grad():

@@ -142,22 +142,9 @@ def test_reference_noise_is_drawn_per_image_in_token_order():
     assert torch.equal(batch[2:3], tokens_to_latent(torch.randn(1, 24, 128, generator=generator), (4, 6)))
 
 
-def test_comfy_noise_is_one_draw_for_the_whole_batch():
-    """The sampler nodes: ComfyUI's prepare_noise, one generator for [B, 128, h, w] in that order."""
-    batch = make_noise(7, (3, 128, 4, 6), convention="comfy")
-    # the first draws fill row 0 of channel 0 of image 0
-    assert batch[0, 0, 0, :4].tolist() == pytest.approx([-0.82013452, 0.39563116, 0.89890850, -1.38840389], abs=1e-7)
-    assert batch[2, 127, 3, 5].item() == pytest.approx(-1.24576068, abs=1e-7)
-    picked = make_noise(7, (2, 128, 4, 6), convention="comfy", batch_index=[2, 0])
-    assert torch.equal(picked, batch[[2, 0]])
-
-
 def test_seeds_run_up_to_two_to_the_64():
-    for convention in ("reference", "comfy"):
-        top = make_noise(2**64 - 1, (2, 128, 2, 2), convention=convention)
-        assert torch.isfinite(top).all() and not torch.equal(top, make_noise(2**64 - 2, (2, 128, 2, 2), convention=convention))
-    with pytest.raises(LensInputError, match="unknown noise convention"):
-        make_noise(0, (1, 128, 2, 2), convention="native")
+    top = make_noise(2**64 - 1, (2, 128, 2, 2))
+    assert torch.isfinite(top).all() and not torch.equal(top, make_noise(2**64 - 2, (2, 128, 2, 2)))
 
 
 @pytest.mark.parametrize("text_mask", ["every_block", "first_block"])
@@ -228,27 +215,7 @@ def test_a_tiny_denoise_does_not_build_a_huge_schedule(sampling_case):
     assert (tiny - noise).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("batch_index,match", [
-    ([0], "does not fit its batch of 2"),
-    ([0, -1], "whole numbers >= 0"),
-    ([0, 1.5], "whole numbers >= 0"),
-    ([0, True], "whole numbers >= 0"),
-    ("01", "whole numbers >= 0"),
-])
-def test_bad_batch_index(batch_index, match):
-    with pytest.raises(LensInputError, match=match):
-        make_noise(7, (2, 128, 4, 6), convention="comfy", batch_index=batch_index)
-
-
 @pytest.mark.parametrize("batch", [0, -1])
 def test_an_empty_batch_is_refused(batch):
-    for convention in ("reference", "comfy"):
-        with pytest.raises(LensInputError, match=f"batch size is {batch}; it must be at least 1"):
-            make_noise(7, (batch, 128, 4, 6), convention=convention)
-
-
-def test_a_far_batch_index_keeps_only_the_draws_used():
-    picked = make_noise(7, (1, 128, 4, 6), convention="comfy", batch_index=[40])
-    generator = torch.Generator().manual_seed(7)
-    draws = [torch.randn(1, 128, 4, 6, generator=generator) for _ in range(41)]
-    assert torch.equal(picked, draws[40])
+    with pytest.raises(LensInputError, match=f"batch size is {batch}; it must be at least 1"):
+        make_noise(7, (batch, 128, 4, 6))

@@ -3,15 +3,17 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from te_files import golden_te_folder, hf_features, hf_reference, write_comfy_nvfp4, write_hf_dense
+from te_files import dequantize_mxfp4, golden_te_folder, hf_features, hf_reference, write_comfy_nvfp4, write_hf_dense
 
 from lens_core import LensFileError, load_text_encoder
-from lens_core.text.experts import MXFP4Bank, NVFP4Bank, dequantize_mxfp4
+from lens_core.quant import formats
+from lens_core.quant.layers import PackedBank
 
 
 def test_golden_mxfp4_features(golden, tmp_path):
     te = load_text_encoder(golden_te_folder(golden, tmp_path), device="cpu")
-    assert isinstance(te.layers[0].mlp.gate_up, MXFP4Bank)  # stays packed
+    bank = te.layers[0].mlp.gate_up
+    assert isinstance(bank, PackedBank) and bank.format is formats.MXFP4_HF and bank.weight.dtype == torch.uint8  # stays packed
     assert te.config.experts_per_token == 2  # read from config.json, not assumed
     cases = load_file(str(golden / "te_tiny_cases.safetensors"))
     features = te.features(cases["ids"], cases["attention_mask"], layers=(1, 3, 4))
@@ -63,8 +65,8 @@ def test_nvfp4_comfy_file_matches_its_dequantised_weights(tmp_path):
     model, cfg = hf_reference(seed=4, top_k=4, window=128)
     dequantised = write_comfy_nvfp4(model, tmp_path / "gpt_oss_nvfp4.safetensors")
     te = load_text_encoder(tmp_path / "gpt_oss_nvfp4.safetensors", device="cpu")
-    assert isinstance(te.layers[0].mlp.down, NVFP4Bank)
-    assert te.layers[0].mlp.down.packed.dtype == torch.uint8
+    assert isinstance(te.layers[0].mlp.down, PackedBank) and te.layers[0].mlp.down.format is formats.NVFP4_COMFY
+    assert te.layers[0].mlp.down.weight.dtype == torch.uint8
     assert (te.config.experts_per_token, te.config.sliding_window) == (4, 128)
     model.load_state_dict(dequantised)
     ids = torch.randint(0, 300, (1, 10))
@@ -135,14 +137,14 @@ def test_both_config_spellings_give_the_same_model(tmp_path):
     assert torch.equal(te_new.features(ids, layers=(2,))[0], te_old.features(ids, layers=(2,))[0])
 
 
-def test_an_expert_bank_of_another_size_is_named():
-    from lens_core.demo import demo_text_encoder
-    from lens_core.errors import LensFileError
-    from lens_core.text.experts import DenseBank, check_banks
+def test_an_expert_bank_of_another_size_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
 
-    encoder = demo_text_encoder()
-    cfg = encoder.config
-    check_banks(encoder, "fine.safetensors")
-    encoder.layers[1].mlp.down = DenseBank(torch.zeros(cfg.experts, cfg.hidden, cfg.expert_hidden + 32), transposed=False)
-    with pytest.raises(LensFileError, match=r"odd\.gguf: layer 1 expert bank is \[\d+, \d+, \d+\] \(experts, out, in\), expected"):
-        check_banks(encoder, "odd.gguf")
+    model, _ = hf_reference(seed=4, top_k=4, window=128)
+    write_comfy_nvfp4(model, tmp_path / "fine.safetensors")
+    state = load_file(str(tmp_path / "fine.safetensors"))
+    state["layers.1.mlp.experts.down_proj.weight"] = torch.cat([state["layers.1.mlp.experts.down_proj.weight"]] * 2, dim=-1)
+    save_file(state, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LensFileError, match=r"odd\.safetensors: weight 'layers\.1\.mlp\.down\.weight' has shape \[\d+, \d+, \d+\], but the "
+                                            r"other weights in the file imply"):
+        load_text_encoder(tmp_path / "odd.safetensors", device="cpu")

@@ -1,9 +1,9 @@
-"""What the model-file readers share: opening a file that must exist, reading a tensor's bytes with plain file
-reads, and a content fingerprint."""
+"""What the model-file readers share: opening a file that must exist, reading a tensor's bytes with plain file reads,
+reading a JSON object, and cutting names from a file to a length fit for a message."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -11,8 +11,16 @@ import torch
 
 from ..errors import LensFileError
 
-_FINGERPRINT_SAMPLES, _FINGERPRINT_SAMPLE_BYTES = 16, 64 * 1024
-_FINGERPRINT_WHOLE_BYTES = 64 * 1024 * 1024  # files up to this size are hashed whole
+MAX_JSON_BYTES = 64 << 20  # config.json and index.json files are kilobytes; a tokenizer.json ~30 MB
+_SHOWN_CHARACTERS = 200
+
+
+def short(value) -> str:
+    """A name or value read from a file, fit for a message: text quoted, anything else as written, cut to a few hundred
+    characters however long it is in the file."""
+    text = value if isinstance(value, str) else str(value)
+    text = text if len(text) <= _SHOWN_CHARACTERS else text[:_SHOWN_CHARACTERS] + "..."
+    return repr(text) if isinstance(value, str) else text
 
 
 def existing_file(path: str | os.PathLike) -> tuple[Path, int]:
@@ -31,23 +39,29 @@ def read_bytes(path: Path, offset: int, nbytes: int, name: str) -> torch.Tensor:
         f.seek(offset)
         got = f.readinto(memoryview(raw.numpy()))
     if got != nbytes:
-        raise LensFileError(f"{path}: could not read tensor {name!r} (file truncated?). Download the file again.")
+        raise LensFileError(f"{path}: could not read tensor {short(name)} (file truncated?). Download the file again.")
     return raw
 
 
-def content_fingerprint(path: Path, size: int, header_bytes: int) -> str:
-    """A hash of a model file's content: its header, its size and 16 samples of 64 KiB spread over its data (1 MiB
-    read, whatever the file's size; files up to 64 MiB are hashed whole). Unlike size and modification time, it
-    tells a fine-tune (every weight changed) from its base and survives copies that keep mtimes (`cp -p`,
-    `rsync -a`, tar); an edit of a few bytes between samples of a large file goes unseen."""
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(header_bytes))
-        if size <= _FINGERPRINT_WHOLE_BYTES:
-            digest.update(f.read())
-            return digest.hexdigest()
-        span = max(size - header_bytes - _FINGERPRINT_SAMPLE_BYTES, 0)
-        for i in range(_FINGERPRINT_SAMPLES):
-            f.seek(header_bytes + span * i // (_FINGERPRINT_SAMPLES - 1))
-            digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
-    return digest.hexdigest()
+def json_object(raw: bytes, where: str, what: str) -> dict:
+    """`raw` bytes that must be a JSON object (a config, an index, a quantisation marker), or a LensFileError naming
+    where they come from and what they should be: not UTF-8, not JSON, nested too deeply, or not an object."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise LensFileError(f"{where}: this is not a JSON object, so it is not the model's {what}. Download the model's "
+                            "files again.")
+    return value
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (config.json, an index), or a LensFileError naming the file and what it
+    should be (see `json_object`; also: not a file, or too large for one)."""
+    if not path.is_file():
+        raise LensFileError(f"{path}: this is not a file, so it is not the model's {what}. Download the model's files again.")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise LensFileError(f"{path}: {path.stat().st_size:,} bytes is too large for the model's {what}. Download the "
+                            "model's files again.")
+    return json_object(path.read_bytes(), str(path), what)

@@ -1,5 +1,5 @@
 """GGUF files (llama.cpp's format, also used by stable-diffusion.cpp and ComfyUI-GGUF): tensors by name, read on
-demand, behind the same interface as a safetensors file so that the loaders take either.
+demand, behind the tensor-source interface of source.py so that the loaders take either format.
 
 Layout (little-endian): "GGUF", version (2 or 3), tensor count, metadata count; the metadata as key, type, value
 (numbers, text, arrays of either); per tensor its name, dimensions (innermost first), ggml type and offset; then,
@@ -7,11 +7,10 @@ from the next multiple of `general.alignment` (32), the tensor data.
 
 Our own parser, not gguf's `GGUFReader`: that one builds numpy objects for every element of every array, which
 takes over 20 s for GPT-OSS's vocabulary (201,088 tokens and 446,189 merges); here arrays are skipped and only
-their positions kept (a token is read when asked for). Every count and size read from the file is checked
-against the bytes the file has before anything is allocated, so a damaged or truncated file gets a message, not
-a huge allocation. A quantised tensor is read as its raw bytes [..., row bytes] (uint8) when asked for without a
-dtype, so that a GGUF layer keeps it quantised; asked for with a dtype, it is dequantised (gguf_quants.py).
-Shapes are given in torch's order.
+their positions kept (a token is read when asked for). Every count, size and offset read from the file is checked
+against the bytes the file has before anything is allocated or read, as llama.cpp's own reader does: tensor names
+are unique, every tensor's data is aligned, inside the file and shares no byte with another. A damaged or truncated
+file gets a message, not a huge allocation. Shapes are given in torch's order.
 """
 
 from __future__ import annotations
@@ -26,12 +25,14 @@ import numpy as np
 import torch
 
 from ..errors import LensFileError, all_finite
-from .files import content_fingerprint, existing_file, read_bytes
-from .gguf_quants import FLOAT_TYPES, TYPES, dequantize, row_bytes, type_name
+from ..quant import formats, gguf_blocks
+from .files import existing_file, read_bytes, short
+from .identity import file_identity, version_key
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_MAX_DIMS = 8
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+_MAX_STRING = 1 << 20  # keys, names and text values are far shorter; a longer one means a damaged header
 _READ_AHEAD = 16 << 20  # the header is read in pieces of this size (GPT-OSS's vocabulary makes it ~15 MB)
 
 
@@ -59,11 +60,19 @@ class _Cursor:
         self.pos += n
         return self.buffer[offset:offset + n]
 
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise _Truncated()
+        self.pos += n
+
     def scalar(self, fmt: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
+        length = self.scalar("<Q")
+        if length > _MAX_STRING:
+            raise _Truncated()
+        return self.take(length).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> np.ndarray:
         """Skip `count` strings; returns where each starts (its length field) in the file. (The loop reads the
@@ -91,10 +100,6 @@ class GGUFTensor:
     offset: int  # of its data, from the file's start
     nbytes: int
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return FLOAT_TYPES.get(self.qtype, torch.uint8)
-
 
 @dataclass(frozen=True)
 class _Array:
@@ -105,7 +110,7 @@ class _Array:
 
 
 class GGUFFile:
-    """One `.gguf` file: its header is parsed and every tensor's type checked on open; tensors are read on demand."""
+    """One `.gguf` file: its header is parsed and every tensor checked on open; tensors are read on demand."""
 
     def __init__(self, path: str | os.PathLike):
         self.path, self.size = existing_file(path)
@@ -138,30 +143,54 @@ class GGUFFile:
             name = cursor.string()
             n_dims = cursor.scalar("<I")
             if n_dims > _MAX_DIMS:
-                raise LensFileError(f"{self.path}: tensor {name[:80]} has {n_dims} dimensions; GGUF allows up to 4. The "
+                raise LensFileError(f"{self.path}: tensor {short(name)} has {n_dims} dimensions; GGUF allows up to 4. The "
                                     "file is damaged: download it again.")
             dims = [cursor.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), cursor.scalar("<I"), cursor.scalar("<Q")))
         alignment = self._values.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0:
-            raise _Truncated()
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 20 \
+                or alignment & (alignment - 1):
+            raise LensFileError(f"{self.path}: general.alignment is {short(alignment)}, not a power of two. The file is "
+                                "damaged: download it again.")
         data_start = -(-cursor.pos // alignment) * alignment
-        self._header_bytes = data_start
         self.tensors: dict[str, GGUFTensor] = {}
         for name, shape, qtype, offset in infos:
-            if qtype not in TYPES:
-                raise LensFileError(
-                    f"{self.path}: tensor {name} is stored as {_ggml_type_name(qtype)}, a type this pack does not "
-                    f"decode (it reads {', '.join(n for n, _, _ in TYPES.values())}). Pick a file quantised to one of those.")
-            values = int(np.prod(shape, dtype=np.float64)) if shape else 1
-            _, block, size = TYPES[qtype]
-            if shape and shape[-1] % block:
-                raise LensFileError(f"{self.path}: tensor {name} ({type_name(qtype)}) has rows of {shape[-1]} values, not "
-                                    f"whole blocks of {block}. The file is damaged: download it again.")
-            nbytes = values // block * size
-            if data_start + offset + nbytes > self.size:
-                raise _Truncated()
-            self.tensors[name] = GGUFTensor(shape, qtype, data_start + offset, nbytes)
+            if name in self.tensors:
+                raise LensFileError(f"{self.path}: tensor {short(name)} appears twice. The file is damaged: download it again.")
+            if offset % alignment:
+                raise LensFileError(f"{self.path}: tensor {short(name)} starts at offset {offset}, not a multiple of the "
+                                    f"file's alignment {alignment}. The file is damaged: download it again.")
+            self.tensors[name] = self._tensor(name, shape, qtype, data_start + offset)
+        self._check_no_overlap()
+
+    def _tensor(self, name: str, shape: tuple[int, ...], qtype: int, offset: int) -> GGUFTensor:
+        if qtype not in gguf_blocks.TYPES and qtype not in gguf_blocks.FLOAT_TYPES:
+            readable = [b.name for b in gguf_blocks.TYPES.values()] + [n for n, _ in gguf_blocks.FLOAT_TYPES.values()]
+            raise LensFileError(
+                f"{self.path}: tensor {short(name)} is stored as {gguf_blocks.type_name(qtype)}, a type this pack does not "
+                f"decode (it reads {', '.join(readable)}). Pick a file quantised to one of those.")
+        values = int(np.prod(shape, dtype=np.float64)) if shape else 1
+        if qtype in gguf_blocks.FLOAT_TYPES:
+            nbytes = values * gguf_blocks.FLOAT_TYPES[qtype][1].itemsize
+        else:
+            block = gguf_blocks.TYPES[qtype]
+            if not shape or shape[-1] % block.values:
+                raise LensFileError(f"{self.path}: tensor {short(name)} ({block.name}) has rows of "
+                                    f"{shape[-1] if shape else 1} values, not whole blocks of {block.values}. The file is "
+                                    "damaged: download it again.")
+            nbytes = values // block.values * block.nbytes
+        if offset + nbytes > self.size:
+            raise _Truncated()
+        return GGUFTensor(shape, qtype, offset, nbytes)
+
+    def _check_no_overlap(self) -> None:
+        previous = None
+        for name, info in sorted(self.tensors.items(), key=lambda item: item[1].offset):
+            if previous is not None and info.nbytes and info.offset < previous[1].offset + previous[1].nbytes:
+                raise LensFileError(f"{self.path}: tensors {short(previous[0])} and {short(name)} share bytes in the file. "
+                                    "The file is damaged: download it again.")
+            if info.nbytes:
+                previous = (name, info)
 
     def _value(self, cursor: _Cursor, kind: int):
         if kind in _SCALARS:
@@ -176,11 +205,12 @@ class GGUFFile:
             return _Array(element, count, start, cursor.skip_strings(count))
         if element not in _SCALARS:
             raise _Truncated()  # arrays of arrays: no model file this pack reads has them
-        cursor.take(count * struct.calcsize(_SCALARS[element]))
+        cursor.skip(count * struct.calcsize(_SCALARS[element]))
         return _Array(element, count, start, None)
 
     def value(self, key: str, default=None):
-        """A metadata value (a number or text; `default` where absent or an array)."""
+        """A metadata value as stored (a number or text; `default` where absent or an array). Loaders check its type and
+        range (text/gguf_loader.py)."""
         value = self._values.get(key, default)
         return default if isinstance(value, _Array) else value
 
@@ -193,63 +223,72 @@ class GGUFFile:
             if array.string_starts is not None:
                 f.seek(int(array.string_starts[index]))
                 (length,) = struct.unpack("<Q", f.read(8))
-                return f.read(min(length, self.size)).decode("utf-8", errors="replace")
+                return f.read(min(length, _MAX_STRING)).decode("utf-8", errors="replace")
             fmt = _SCALARS[array.kind]
             f.seek(array.start + index * struct.calcsize(fmt))
             return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
-    @property
-    def quant_types(self) -> dict[str, int]:
-        """Tensor name -> ggml type, for the tensors stored quantised."""
-        return {name: t.qtype for name, t in self.tensors.items() if t.qtype not in FLOAT_TYPES}
-
     def keys(self):
         return self.tensors.keys()
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
     def stored_shape(self, name: str) -> tuple[int, ...]:
-        """The shape `read(name)` gives: the values' shape, or for a quantised tensor its rows of raw bytes."""
-        info = self.tensors[name]
-        return info.shape if info.qtype in FLOAT_TYPES else (*info.shape[:-1], row_bytes(info.qtype, info.shape[-1]))
+        """The shape `raw(name)` gives: the values' shape, or for a quantised tensor its rows of bytes."""
+        info, fmt = self.tensors[name], self.packed_format(name)
+        return info.shape if fmt is None else (*info.shape[:-1], fmt.row_bytes(info.shape[-1]))
+
+    def packed_format(self, name: str):
+        """The format of a tensor stored in one of ggml's block types; None for a float tensor."""
+        qtype = self.tensors[name].qtype
+        return None if qtype in gguf_blocks.FLOAT_TYPES else formats.gguf(qtype)
 
     def fingerprint(self) -> str:
-        return content_fingerprint(self.path, self.size, self._header_bytes)
+        return file_identity(self.path)
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `name` on the CPU: as stored when `dtype` is None (raw bytes for a quantised one), else its
-        values in `dtype`. Values are checked for NaN / infinity here, where the file can still be named."""
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor `name` on the CPU as stored: a float tensor's values, a quantised one's bytes [..., row bytes]
+        (checked for NaN from its scales, without decoding)."""
         info = self.tensors[name]
         raw = read_bytes(self.path, info.offset, info.nbytes, name)
-        if info.qtype in FLOAT_TYPES:
-            stored = values = raw.view(FLOAT_TYPES[info.qtype]).reshape(info.shape)
+        fmt = self.packed_format(name)
+        if fmt is None:
+            stored = raw.view(gguf_blocks.FLOAT_TYPES[info.qtype][1]).reshape(info.shape)
+            finite = all_finite(stored)
         else:
             stored = raw.reshape(self.stored_shape(name))
-            values = dequantize(stored, info.qtype, info.shape)
-        if not all_finite(values):
-            raise LensFileError(f"{self.path}: tensor {name} ({type_name(info.qtype)}) holds NaN or infinite values, "
-                                "which would make every image black. The file is damaged: download it again.")
-        return stored if dtype is None else values.to(dtype)
+            finite = fmt.finite({"weight": stored})
+        if not finite:
+            raise LensFileError(f"{self.path}: tensor {short(name)} ({gguf_blocks.type_name(info.qtype)}) holds NaN or "
+                                "infinite values, which would make every image black. The file is damaged: download it again.")
+        return stored
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The values of tensor `name` on the CPU, decoded straight into `dtype`; as stored (`raw`) when dtype is None."""
+        info, stored = self.tensors[name], self.raw(name)
+        fmt = self.packed_format(name)
+        if dtype is None or fmt is None:
+            return stored if dtype is None else stored.to(dtype)
+        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        return fmt.decode({"weight": stored.reshape(rows, -1)}, rows, info.shape[-1], dtype).reshape(info.shape)
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """The parsed file, shared while it is unchanged (same size and modification time): the loader node opens an
-    encoder's GGUF for the weights, the tokenizer check and the content fingerprint, and ComfyUI asks for that
-    fingerprint before every run."""
+    """The parsed file, shared while it is the same version of the file (identity.version_key: a file written to or
+    replaced gets a new key, whatever its size and modification time): the loader node opens an encoder's GGUF for
+    the weights and the tokenizer check."""
     path = Path(path).resolve()
     try:
-        stat = path.stat()
+        key = version_key(path)
     except OSError:
         return GGUFFile(path)  # reports the missing file
-    return _parsed(path, stat.st_size, stat.st_mtime_ns)
+    return _parsed(path, key)
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed(path: Path, size: int, mtime_ns: int) -> GGUFFile:
+def _parsed(path: Path, version: str) -> GGUFFile:
     return GGUFFile(path)
-
-
-_GGML_TYPE_NAMES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S",
-                    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0"}
-
-
-def _ggml_type_name(qtype: int) -> str:
-    return _GGML_TYPE_NAMES.get(qtype, f"ggml type {qtype}")

@@ -10,20 +10,16 @@ and the files are still *written* with the `safetensors` library.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..errors import LensFileError, all_finite, some
-from .files import content_fingerprint, existing_file, read_bytes
-from .gguf_reader import GGUFFile, open_gguf
-from .identify import describe
+from ..errors import LensFileError, all_finite
+from .files import existing_file, read_bytes, short
+from .identity import file_identity
 
 _DTYPES = {
     "F64": torch.float64,
@@ -51,16 +47,11 @@ class TensorInfo:
     end: int
 
 
-def _short(name: str) -> str:
-    """A tensor name fit for a message, however long the name in the file is."""
-    return repr(some([name]))
-
-
 def _no_duplicate_keys(pairs):
     keys = [key for key, _ in pairs]
     if len(set(keys)) != len(keys):
         duplicate = next(key for key in keys if keys.count(key) > 1)
-        raise ValueError(f"the key {_short(duplicate)} appears more than once")
+        raise ValueError(f"the key {short(duplicate)} appears more than once")
     return dict(pairs)
 
 
@@ -85,12 +76,12 @@ def _is_count(value) -> bool:
 
 def _tensor_info(name: str, info, where: str) -> TensorInfo:
     """One header entry, checked: a known dtype, a shape of counts, offsets that hold exactly that many bytes."""
-    broken = f"{where}: tensor {_short(name)} has a broken header entry"
+    broken = f"{where}: tensor {short(name)} has a broken header entry"
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise LensFileError(f"{broken} (expected dtype, shape and data_offsets). Download the file again.")
     dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
-        raise LensFileError(f"{where}: tensor {_short(name)} has dtype {str(info['dtype'])[:20]!r}, which this pack "
+        raise LensFileError(f"{where}: tensor {short(name)} has dtype {str(info['dtype'])[:20]!r}, which this pack "
                             "cannot read.")
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
@@ -115,11 +106,11 @@ def _check_layout(tensors: dict[str, TensorInfo], data_bytes: int, where: str) -
     for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
         if info.end > data_bytes:
             raise LensFileError(
-                f"{where}: the file is truncated ({data_bytes:,} bytes of tensor data, tensor {_short(name)} needs "
+                f"{where}: the file is truncated ({data_bytes:,} bytes of tensor data, tensor {short(name)} needs "
                 f"{info.end:,}). The download was probably interrupted: download it again."
             )
         if info.start < previous_end:
-            raise LensFileError(f"{where}: tensors {_short(previous)} and {_short(name)} overlap in the file. "
+            raise LensFileError(f"{where}: tensors {short(previous)} and {short(name)} overlap in the file. "
                                 "Download the file again.")
         if info.end > info.start:
             previous_end, previous = info.end, name
@@ -157,148 +148,34 @@ class SafetensorsFile:
     def keys(self):
         return self.tensors.keys()
 
-    def fingerprint(self) -> str:
-        return content_fingerprint(self.path, self.size, self._data_start)
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time). Floating tensors are
-        checked for NaN / infinity here, once, where the file can still be named (8-bit ones hold packed data)."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def packed_format(self, name: str):
+        """None: a safetensors file stores plain tensors (packed layers are assembled from several of them)."""
+        return None
+
+    def fingerprint(self) -> str:
+        return file_identity(self.path)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor `name` on the CPU as stored. Floating tensors of 16 bits and more are checked for NaN / infinity
+        here, once, where the file can still be named (8-bit ones hold packed data, checked by their format)."""
         info = self.tensors[name]
         raw = read_bytes(self.path, self._data_start + info.start, info.end - info.start, name)
         tensor = raw.view(info.dtype).reshape(info.shape)
         if info.dtype.itemsize > 1 and not all_finite(tensor):
-            raise LensFileError(f"{self.path}: tensor {_short(name)} holds NaN or infinite values, which would make every "
+            raise LensFileError(f"{self.path}: tensor {short(name)} holds NaN or infinite values, which would make every "
                                 "image black. The file is damaged: download it again.")
-        if dtype is not None and dtype != tensor.dtype:
-            tensor = tensor.to(dtype)
         return tensor
 
-
-class Checkpoint:
-    """A set of safetensors files seen as one mapping from key to tensor (a single file or shards)."""
-
-    def __init__(self, files: list[SafetensorsFile | GGUFFile], name: str):
-        self.name = name
-        self.files = files
-        self._where: dict[str, SafetensorsFile] = {}
-        for file in files:
-            for key in file.keys():
-                self._where[key] = file
-
-    @property
-    def metadata(self) -> dict:
-        merged = {}
-        for file in self.files:
-            merged.update(file.metadata)
-        return merged
-
-    def keys(self):
-        return self._where.keys()
-
-    def fingerprint(self) -> str:
-        """A hash of the content of every file (see `SafetensorsFile.fingerprint`)."""
-        return hashlib.sha256(" ".join(f.fingerprint() for f in self.files).encode()).hexdigest()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def require(self, keys) -> None:
-        """Raise a LensFileError naming the file, what it looks like and the missing keys (a few, then a count)."""
-        missing = [key for key in keys if key not in self._where]
-        if missing:
-            raise LensFileError(
-                f"{self.name}: this looks like {describe(self.keys(), self.shape)}, but {len(missing)} of its weights "
-                f"{'is' if len(missing) == 1 else 'are'} missing ({some(missing)}). The file is incomplete (an "
-                "interrupted download or a missing shard?): download it again."
-            )
-
-    def _file_of(self, key: str) -> SafetensorsFile:
-        if key not in self._where:
-            self.require([key])
-        return self._where[key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._file_of(key).tensors[key].shape
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._file_of(key).tensors[key].dtype
-
-    def stored_shape(self, key: str) -> tuple[int, ...]:
-        """The shape `read(key)` gives: the values' shape, except a GGUF-quantised tensor's rows of raw bytes."""
-        file = self._file_of(key)
-        return file.stored_shape(key) if isinstance(file, GGUFFile) else file.tensors[key].shape
-
-    def gguf_type(self, key: str) -> int | None:
-        """The ggml type of a tensor stored GGUF-quantised; None for any other."""
-        file = self._file_of(key)
-        return file.quant_types.get(key) if isinstance(file, GGUFFile) else None
-
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._file_of(key).read(key, dtype)
-
-
-_SHARD_NAME = re.compile(r".+-\d{5}-of-\d{5}\.safetensors")
-
-
-def whole_model(path: str | os.PathLike) -> Path:
-    """The folder of a sharded model when `path` is one of its shards (`model-00001-of-00003.safetensors`): ComfyUI's
-    model dropdowns list files, so that is what a user of Microsoft's folders picks. Any other path as it is."""
-    path = Path(path)
-    return path.parent if path.is_file() and _SHARD_NAME.fullmatch(path.name) else path
-
-
-def open_component(path: str | os.PathLike, subfolder: str, shard_prefix: str) -> Checkpoint:
-    """One model of a repository: a single file, a folder of its shards (or one of the shards), or the repository
-    folder that holds it in `subfolder/` (e.g. Microsoft's `Lens/transformer/`)."""
-    path = whole_model(path)
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / subfolder).is_dir():
-        path = path / subfolder
-    return open_checkpoint(path, shard_prefix)
-
-
-def _open_file(path: Path) -> SafetensorsFile | GGUFFile:
-    return open_gguf(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
-
-
-def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> Checkpoint:
-    """Open a single `.safetensors` file or a folder of shards (checked against its index if present).
-
-    `shard_prefix` narrows which files in a folder are weights (e.g. `diffusion_pytorch_model`).
-    """
-    path = Path(path)
-    if path.is_file():
-        return Checkpoint([_open_file(path)], str(path))
-    if not path.is_dir():
-        raise LensFileError(f"{path}: no such file or folder.")
-    shards = sorted(p for p in path.glob("*.safetensors") if p.name.startswith(shard_prefix))
-    indexes = sorted(p for p in path.glob("*.safetensors.index.json") if p.name.startswith(shard_prefix))
-    expected: set[str] = set()
-    for index in indexes:
-        try:
-            expected |= set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LensFileError(f"{index}: the shard index is not valid JSON with a 'weight_map' ({e}).") from None
-    missing = sorted(name for name in expected if not (path / name).is_file())
-    if missing:
-        raise LensFileError(
-            f"{path}: the shard index lists {len(expected)} files but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing. Download every shard into this folder."
-        )
-    if expected:
-        shards = [path / name for name in sorted(expected)]
-    if not shards:
-        raise LensFileError(f"{path}: this folder holds no {shard_prefix}*.safetensors files.")
-    return Checkpoint([SafetensorsFile(p) for p in shards], str(path))
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """A content hash of a model file, or of a model folder (its safetensors files and JSON configs, at any depth),
-    for caches that must not confuse two models (see `SafetensorsFile.fingerprint`). A shard stands for its folder."""
-    path = whole_model(path)
-    if path.is_file():
-        return _open_file(path).fingerprint()
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*.safetensors")) + sorted(path.rglob("*.json")):
-        part = SafetensorsFile(file).fingerprint() if file.suffix == ".safetensors" else file.read_bytes()
-        digest.update(f"{file.relative_to(path)}\n".encode() + (part.encode() if isinstance(part, str) else part))
-    return digest.hexdigest()
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name` on the CPU, converted to `dtype` if given (one buffer at a time)."""
+        tensor = self.raw(name)
+        return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)

@@ -1,9 +1,10 @@
-"""Block swap: some of the denoiser's blocks stay in (page-locked) CPU memory and are streamed to the GPU as they run.
+"""Block swap (outside ComfyUI): the last blocks of the denoiser stay in page-locked CPU memory and are streamed to the
+GPU as they run.
 
-Each swapped block's weights are copied to the compute device just before the block runs, on a side CUDA stream
-and one swapped block ahead, so the copy of block i+1 overlaps the compute of block i; the copies are dropped
-after use. The model's weights on the GPU shrink by the swapped blocks' bytes (85 M parameters, 170 MB in bf16,
-each), at the price of one host-to-device copy of them per forward.
+Each swapped block's weights are copied to the compute device on a side CUDA stream while the block before it
+computes, and dropped after use: at most one swapped block's copy waits ahead of the one running. The model's
+weights on the GPU shrink by the swapped blocks' bytes (85 M parameters, 170 MB in bf16, each), at the price of one
+host-to-device copy of them per forward. Inside ComfyUI, ComfyUI's own partial loading does this job.
 """
 
 from __future__ import annotations
@@ -19,25 +20,20 @@ _RESERVE_BYTES = 4 << 30  # activations of a 1440x1440 CFG step with room to spa
 
 
 class BlockSwap:
-    """Which blocks live in CPU memory (`indices`), and how they reach the compute device: `streamed(blocks, device)`
-    hands the denoiser's forward each block ready to call. It holds indices, not blocks, so a denoiser with LoRAs
-    (whose patched blocks are copies) streams its own blocks."""
+    """Which blocks live in CPU memory (`indices`), and `streamed(blocks, device)`: the denoiser's blocks in order,
+    each ready to call, a swapped one as a call on a copy of its weights."""
 
     def __init__(self, indices: list[int]):
         self.indices = sorted(indices)
         self._stream = None
 
-    def __contains__(self, index: int) -> bool:
-        return index in self.indices
-
-    def prefixes(self) -> dict[str, bool]:
-        """The swapped blocks' weight names, for the model's `cpu_resident`: in CPU memory, streamed."""
-        return {f"transformer_blocks.{index}.": True for index in self.indices}
+    def prefixes(self) -> tuple[str, ...]:
+        """The swapped blocks' weight names, which stay in CPU memory."""
+        return tuple(f"transformer_blocks.{index}." for index in self.indices)
 
     def streamed(self, blocks: nn.ModuleList, device: torch.device):
-        """`blocks` in order, each ready to call: a swapped block as a call with its weights copied to `device`.
-        The first swapped block's copy starts before the first block runs, each next one's before the previous
-        swapped block runs."""
+        """The first swapped block's copy starts before block 0 runs; each next one's when the swapped block before it
+        starts computing, so its copy overlaps that compute."""
         following = iter(self.indices)
         fetched = {}
 
@@ -46,14 +42,20 @@ class BlockSwap:
             if index is not None:
                 fetched[index] = self._fetch(blocks[index], device)
 
-        fetch_next()
-        for index, block in enumerate(blocks):
-            if index not in fetched:
-                yield block
-                continue
-            weights = fetched.pop(index)
+        def run_swapped(index: int, *args):
+            weights, stream = fetched.pop(index)  # held by this call only: gone when it returns
             fetch_next()
-            yield functools.partial(self._run, block, weights)
+            if stream is not None:
+                current = torch.cuda.current_stream(stream.device)
+                current.wait_stream(stream)
+                for t in weights.values():
+                    t.record_stream(current)  # memory the side stream allocated, used on this one
+            return functional_call(blocks[index], weights, args)
+
+        fetch_next()
+        swapped = set(self.indices)
+        for index, block in enumerate(blocks):
+            yield functools.partial(run_swapped, index) if index in swapped else block
 
     def _side_stream(self, device: torch.device):
         """The CUDA stream the copies run on (none elsewhere: there they simply run in order)."""
@@ -72,17 +74,6 @@ class BlockSwap:
         with torch.cuda.stream(stream):
             copied = {name: t.to(device, non_blocking=True) for name, t in tensors.items()}
         return copied, stream
-
-    @staticmethod
-    def _run(block: nn.Module, fetched, *args):
-        """Run a swapped block with its fetched weights, once their copy is done."""
-        weights, stream = fetched
-        if stream is not None:
-            current = torch.cuda.current_stream(stream.device)
-            current.wait_stream(stream)
-            for t in weights.values():
-                t.record_stream(current)  # memory the side stream allocated, used on this one
-        return functional_call(block, weights, args)
 
 
 def auto_blocks_on_cpu(model_bytes: int, block_bytes: int, blocks: int, free_bytes: int, reserve: int = _RESERVE_BYTES) -> int:

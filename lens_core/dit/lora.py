@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.files import short
 from ..checkpoint.identify import describe, placement_hint
 from ..checkpoint.safetensors_reader import SafetensorsFile
 from ..errors import LensFileError, LensInputError
@@ -54,11 +55,13 @@ class LoRALayer:
 
 @dataclass
 class LoRA:
-    """A LoRA file read and mapped onto the denoiser's Linear layers by module name."""
+    """A LoRA file read and mapped onto the denoiser's Linear layers by module name; `format` names the key spelling
+    (musubi-tuner / kohya, diffusers / PEFT, or ComfyUI)."""
 
     layers: dict[str, LoRALayer]
     source: str
     unmatched: list[str]
+    format: str = ""
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -102,7 +105,7 @@ def load_lora(path, dit: nn.Module) -> LoRA:
     targets = linear_names(dit)
     kohya_targets = {name.replace(".", "_"): name for name in targets}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    unmatched = []
+    unmatched, spellings = [], set()
     file = SafetensorsFile(path)
     keys = list(file.keys())
     for key in keys:
@@ -111,6 +114,8 @@ def load_lora(path, dit: nn.Module) -> LoRA:
             unmatched.append(key)
             continue
         module, part = split
+        spellings.add("musubi-tuner / kohya" if module.startswith(_KOHYA_PREFIX) else
+                      "diffusers / PEFT" if ".lora_A." in key or ".lora_B." in key else "ComfyUI")
         if module.startswith(_KOHYA_PREFIX):
             name = kohya_targets.get(module[len(_KOHYA_PREFIX):])
         else:
@@ -134,15 +139,22 @@ def load_lora(path, dit: nn.Module) -> LoRA:
     if unmatched:
         log.warning("Lens LoRA %s: %d of %d keys match no Lens layer and are ignored, e.g. %s", path.name, len(unmatched),
                     len(keys), ", ".join(unmatched[:5]))
-    return LoRA(layers, str(path), unmatched)
+    return LoRA(layers, str(path), unmatched, " + ".join(sorted(spellings)))
+
+
+def _matrix(tensor: torch.Tensor, file_name: str, name: str, which: str) -> torch.Tensor:
+    """A LoRA factor as a matrix: [rows, cols], or the same as a 1x1 convolution; at least one row and column."""
+    if tensor.ndim not in (2, 4) or (tensor.ndim == 4 and tuple(tensor.shape[2:]) != (1, 1)) or 0 in tensor.shape:
+        raise LensFileError(f"{file_name}: layer {short(name)} has a {which} factor of shape {list(tensor.shape)[:8]}; a LoRA "
+                            "factor is a matrix [rank, in] or [out, rank] with rank >= 1. The file is damaged.")
+    return tensor.reshape(tensor.shape[0], -1)
 
 
 def _layer(file_name: str, name: str, tensors: dict[str, torch.Tensor], target: nn.Module) -> LoRALayer:
     if "down" not in tensors or "up" not in tensors:
-        raise LensFileError(f"{file_name}: layer {name} has only its {', '.join(sorted(tensors))} weight(s); a LoRA layer needs both "
-                            "down (lora_down / lora_A) and up (lora_up / lora_B).")
-    down, up = tensors["down"], tensors["up"]
-    down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)  # 1x1-conv spellings of the same matrices
+        raise LensFileError(f"{file_name}: layer {short(name)} has only its {', '.join(sorted(tensors))} weight(s); a LoRA layer "
+                            "needs both down (lora_down / lora_A) and up (lora_up / lora_B).")
+    down, up = _matrix(tensors["down"], file_name, name, "down"), _matrix(tensors["up"], file_name, name, "up")
     rank = down.shape[0]
     if down.shape[1] != target.in_features or up.shape != (target.out_features, rank):
         raise LensFileError(
@@ -150,7 +162,13 @@ def _layer(file_name: str, name: str, tensors: dict[str, torch.Tensor], target: 
             f"maps {target.in_features} -> {target.out_features} features (down must be [rank, {target.in_features}], "
             f"up [{target.out_features}, rank]). Is this LoRA for another model size?"
         )
-    scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
+    scale = 1.0
+    if "alpha" in tensors:
+        alpha = tensors["alpha"]
+        if alpha.numel() != 1 or alpha.dtype == torch.bool or not math.isfinite(float(alpha.float().item())):
+            raise LensFileError(f"{file_name}: layer {short(name)} has an alpha of shape {list(alpha.shape)[:8]}; alpha is one "
+                                "finite number. The file is damaged.")
+        scale = float(alpha.float().item()) / rank
     return LoRALayer(down.float(), up.float(), scale)
 
 
@@ -212,7 +230,7 @@ def apply_loras(dit: nn.Module, loras: list[tuple]) -> nn.Module:
         for name, layer in lora.layers.items():
             result = _patched(result, name, layer, float(strength), dtype)
     if getattr(dit, "compiled", False):
-        result.compile_blocks(warm_up=False)
+        result.compile_blocks()
     return result
 
 

@@ -2,14 +2,17 @@
 
 Every block keeps separate image and text weights and runs one joint attention over
 [image tokens ; text tokens]. Norms, RoPE and the softmax run in float32 whatever the
-weights' dtype; the rest runs in the weights' dtype (bfloat16 on GPUs, float32 on CPUs).
+compute dtype; the rest runs in the compute dtype (bfloat16 on GPUs, float32 on CPUs).
+
+The layers are built from `operations` (PyTorch's `torch.nn` by default): ComfyUI hands in its own layer classes
+(comfy.ops), so that its weight casting, partial loading and LoRA patches act on every layer, as for its own models.
+The forward takes ComfyUI's `transformer_options` (block replacement and patches, see `LensDiT.forward`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import comfy_kitchen
@@ -17,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import model_bytes
+from .. import placement
 from ..errors import LensInputError
-from ..memory.host_copies import move_model
-from ..norms import RMSNorm
 from .block_swap import BlockSwap
 from .rope import apply_rope, rope_frequencies
 
@@ -56,11 +57,11 @@ def check_text_features(config: DiTConfig, features: torch.Tensor, which: str) -
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, ops, **factory):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = ops.Linear(dim, hidden, bias=False, **factory)
+        self.w2 = ops.Linear(hidden, dim, bias=False, **factory)
+        self.w3 = ops.Linear(dim, hidden, bias=False, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.w1(x)
@@ -73,9 +74,9 @@ class SwiGLU(nn.Module):
 class Modulation(nn.Module):
     """`*_mod.1`: SiLU(temb) -> 6 vectors: shift1, scale1, gate1, shift2, scale2, gate2."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ops, **factory):
         super().__init__()
-        self.register_module("1", nn.Linear(dim, 6 * dim))
+        self.register_module("1", ops.Linear(dim, 6 * dim, **factory))
 
     def forward(self, silu_temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """From SiLU(temb), computed once per forward for all blocks."""
@@ -87,20 +88,28 @@ def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) ->
     return torch.addcmul(shift, normed, 1 + scale)
 
 
+def _plain_weight(norm: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """A norm's weight where it can be used as it is (on the compute device, nothing for ComfyUI to cast or patch on
+    use); None otherwise, and the norm module is called instead."""
+    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or norm.weight.device != like.device:
+        return None
+    return norm.weight.to(like.dtype)
+
+
 class JointAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, ops, **factory):
         super().__init__()
         d = cfg.hidden
         self.heads = cfg.heads
         self.head_dim = cfg.head_dim
-        self.img_qkv = nn.Linear(d, 3 * d)
-        self.txt_qkv = nn.Linear(d, 3 * d)
-        self.norm_q = RMSNorm(cfg.head_dim, 1e-6)
-        self.norm_k = RMSNorm(cfg.head_dim, 1e-6)
-        self.norm_added_q = RMSNorm(cfg.head_dim, 1e-6)
-        self.norm_added_k = RMSNorm(cfg.head_dim, 1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(d, d)])
-        self.to_add_out = nn.Linear(d, d)
+        self.img_qkv = ops.Linear(d, 3 * d, **factory)
+        self.txt_qkv = ops.Linear(d, 3 * d, **factory)
+        self.norm_q = ops.RMSNorm(cfg.head_dim, eps=1e-6, **factory)
+        self.norm_k = ops.RMSNorm(cfg.head_dim, eps=1e-6, **factory)
+        self.norm_added_q = ops.RMSNorm(cfg.head_dim, eps=1e-6, **factory)
+        self.norm_added_k = ops.RMSNorm(cfg.head_dim, eps=1e-6, **factory)
+        self.to_out = nn.ModuleList([ops.Linear(d, d, **factory)])
+        self.to_add_out = ops.Linear(d, d, **factory)
         self.sage = None  # sageattention's kernel, when the model chose it (LensDiT.use_attention)
 
     def _attend(self, q, k, v, key_bias):
@@ -117,21 +126,23 @@ class JointAttention(nn.Module):
     def _norm_and_rope(self, iq, ik, tq, tk, rope):
         """q and k of the joint sequence, RMS-normed (float32 statistics) and rotated (in float32, cast back once).
 
-        Eager: comfy-kitchen's fused RMSNorm + RoPE, one kernel per stream on GPUs (its CUDA or Triton backend),
-        PyTorch's ops elsewhere. Under torch.compile: plain PyTorch ops, which inductor fuses itself.
+        Eager, with the norms' weights on the compute device: comfy-kitchen's fused RMSNorm + RoPE, one kernel per
+        stream on GPUs (its CUDA or Triton backend), PyTorch's ops elsewhere. Under torch.compile, or where ComfyUI
+        casts the norms' weights on use: the norm modules and plain PyTorch RoPE (inductor fuses them itself).
         """
         dtype = iq.dtype
-        if torch.compiler.is_compiling():
+        norms = (self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k)
+        weights = [_plain_weight(norm, iq) for norm in norms]
+        if torch.compiler.is_compiling() or any(w is None for w in weights):
             q = apply_rope(torch.cat([self.norm_q(iq), self.norm_added_q(tq)], dim=2), rope, dtype)
             k = apply_rope(torch.cat([self.norm_k(ik), self.norm_added_k(tk)], dim=2), rope, dtype)
             return q, k
         n_img, eps = iq.shape[2], self.norm_q.eps
         rope = rope[None, None]  # [1, 1, L, pairs, 2, 2]: the [B, heads, L, head_dim] layout
-        iq, ik = comfy_kitchen.rms_rope(iq, ik, rope[:, :, :n_img], self.norm_q.weight.to(dtype), self.norm_k.weight.to(dtype), eps)
+        iq, ik = comfy_kitchen.rms_rope(iq, ik, rope[:, :, :n_img], weights[0], weights[1], eps)
         if tq.shape[2] == 0:  # no text token (an empty prompt)
             return iq, ik
-        tq, tk = comfy_kitchen.rms_rope(tq, tk, rope[:, :, n_img:], self.norm_added_q.weight.to(dtype),
-                                        self.norm_added_k.weight.to(dtype), eps)
+        tq, tk = comfy_kitchen.rms_rope(tq, tk, rope[:, :, n_img:], weights[2], weights[3], eps)
         return torch.cat([iq, tq], dim=2), torch.cat([ik, tk], dim=2)
 
     def forward(self, img, txt, rope, key_bias):
@@ -148,16 +159,16 @@ class JointAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, ops, **factory):
         super().__init__()
         d = cfg.hidden
-        self.attn = JointAttention(cfg)
-        self.img_mod = Modulation(d)
-        self.txt_mod = Modulation(d)
-        self.img_norm1, self.img_norm2 = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
-        self.txt_norm1, self.txt_norm2 = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
-        self.img_mlp = SwiGLU(d, cfg.mlp_hidden)
-        self.txt_mlp = SwiGLU(d, cfg.mlp_hidden)
+        self.attn = JointAttention(cfg, ops, **factory)
+        self.img_mod = Modulation(d, ops, **factory)
+        self.txt_mod = Modulation(d, ops, **factory)
+        self.img_norm1, self.img_norm2 = ops.RMSNorm(d, eps=1e-6, **factory), ops.RMSNorm(d, eps=1e-6, **factory)
+        self.txt_norm1, self.txt_norm2 = ops.RMSNorm(d, eps=1e-6, **factory), ops.RMSNorm(d, eps=1e-6, **factory)
+        self.img_mlp = SwiGLU(d, cfg.mlp_hidden, ops, **factory)
+        self.txt_mlp = SwiGLU(d, cfg.mlp_hidden, ops, **factory)
 
     def forward(self, img, txt, silu_temb, rope, key_bias):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(silu_temb)
@@ -176,11 +187,11 @@ class Block(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, ops, **factory):
         super().__init__()
         self.channels = cfg.time_channels
-        self.linear_1 = nn.Linear(cfg.time_channels, cfg.hidden)
-        self.linear_2 = nn.Linear(cfg.hidden, cfg.hidden)
+        self.linear_1 = ops.Linear(cfg.time_channels, cfg.hidden, **factory)
+        self.linear_2 = ops.Linear(cfg.hidden, cfg.hidden, **factory)
 
     def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         half = self.channels // 2
@@ -193,17 +204,17 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, ops, **factory):
         super().__init__()
-        self.timestep_embedder = TimestepEmbedder(cfg)
+        self.timestep_embedder = TimestepEmbedder(cfg, ops, **factory)
 
 
 class OutputNorm(nn.Module):
     """LayerNorm without affine, then scale-first / shift-second modulation."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ops, **factory):
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
+        self.linear = ops.Linear(dim, 2 * dim, **factory)
 
     def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(silu_temb).unsqueeze(1).chunk(2, dim=-1)
@@ -216,14 +227,16 @@ class LensDiT(nn.Module):
 
     x [B, h*w, 128] (row-major tokens), sigma [B], text [B, S, text_layers, text_width],
     text_mask [B, S] bool (True = real token) or None (no padded token), grid = (h, w).
-    Returns [B, h*w, 128] on the model's device, in its dtype; inputs may come from any device.
+    Returns [B, h*w, 128] on the model's device, in its compute dtype; inputs may come from any device.
 
     text_mask (the constructor's): "every_block" masks padded text keys in all blocks, like ComfyUI's
     native Lens and musubi-tuner; "first_block" masks them in block 0 only, like the diffusers port
     (whose goldens need it). The two agree whenever no text key is padded.
+    operations: the layer classes (torch.nn, or ComfyUI's comfy.ops); dtype: the compute dtype, in which the unpacked
+    weights are stored (packed layers decode into it).
     """
 
-    def __init__(self, cfg: DiTConfig, text_mask: str = "every_block"):
+    def __init__(self, cfg: DiTConfig, text_mask: str = "every_block", operations=nn, device=None, dtype=None):
         super().__init__()
         if text_mask not in TEXT_MASK_MODES:
             raise LensInputError(f"text_mask must be one of {', '.join(TEXT_MASK_MODES)}, got {text_mask!r}.")
@@ -231,17 +244,18 @@ class LensDiT(nn.Module):
         self.text_mask = text_mask
         self.compiled = False
         self._block_swap: BlockSwap | None = None
-        self.img_in = nn.Linear(cfg.in_channels, cfg.hidden)
-        self.txt_norm = nn.ModuleList([RMSNorm(cfg.text_width, 1e-5) for _ in range(cfg.text_layers)])
-        self.txt_in = nn.Linear(cfg.text_layers * cfg.text_width, cfg.hidden)
-        self.time_text_embed = TimeTextEmbed(cfg)
-        self.transformer_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.blocks)])
-        self.norm_out = OutputNorm(cfg.hidden)
-        self.proj_out = nn.Linear(cfg.hidden, cfg.out_channels)
+        ops, factory = operations, {"device": device, "dtype": dtype}
+        self.img_in = ops.Linear(cfg.in_channels, cfg.hidden, **factory)
+        self.txt_norm = nn.ModuleList([ops.RMSNorm(cfg.text_width, eps=1e-5, **factory) for _ in range(cfg.text_layers)])
+        self.txt_in = ops.Linear(cfg.text_layers * cfg.text_width, cfg.hidden, **factory)
+        self.time_text_embed = TimeTextEmbed(cfg, ops, **factory)
+        self.transformer_blocks = nn.ModuleList([Block(cfg, ops, **factory) for _ in range(cfg.blocks)])
+        self.norm_out = OutputNorm(cfg.hidden, ops, **factory)
+        self.proj_out = ops.Linear(cfg.hidden, cfg.out_channels, **factory)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (a norm's weight: Linear weights may be stored quantised)."""
+        """The compute dtype: the norms' (packed layers decode into it; a cast of the model changes it)."""
         return self.txt_norm[0].weight.dtype
 
     def use_attention(self, backend: str) -> None:
@@ -266,9 +280,9 @@ class LensDiT(nn.Module):
         return self.__dict__.get("base_model", self)._block_swap
 
     def swap_blocks(self, count: int) -> None:
-        """Keep the last `count` blocks in CPU memory and stream them to the compute device as they run
-        (see block_swap.py); 0 keeps every block on the model's device. On a denoiser with LoRAs it changes the
-        base's (shared) blocks."""
+        """Outside ComfyUI: keep the last `count` blocks in CPU memory and stream them to the compute device as they run
+        (see block_swap.py); 0 keeps every block on the model's device. On a denoiser with LoRAs it changes the base's
+        (shared) blocks."""
         if not 0 <= count < self.config.blocks:
             raise LensInputError(f"blocks on the CPU must be between 0 and {self.config.blocks - 1}, got {count}.")
         base = self.__dict__.get("base_model", self)
@@ -278,45 +292,31 @@ class LensDiT(nn.Module):
             return
         blocks = self.config.blocks
         self._block_swap = BlockSwap(list(range(blocks - count, blocks))) if count else None
-        self.move(self.device)
+        self.place(self.device)
         if count:
-            swapped = sum(model_bytes(self.transformer_blocks[i]) for i in self.block_swap.indices)
             log.info("Lens: %d of %d denoiser blocks stay in CPU memory (%.2f GB) and stream to the compute device as they run",
-                     count, blocks, swapped / 1e9)
+                     count, blocks, sum(placement.weight_bytes(self.transformer_blocks[i]) for i in self.block_swap.indices) / 1e9)
 
-    def cpu_resident(self) -> dict[str, bool]:
-        """What stays in CPU memory wherever the denoiser computes (name prefix -> streamed): the swapped blocks."""
-        return self.block_swap.prefixes() if self.block_swap is not None else {}
+    def keeps_on_cpu(self) -> tuple[str, ...]:
+        """The weight name prefixes that stay in CPU memory wherever the model computes: the swapped blocks."""
+        return self.block_swap.prefixes() if self.block_swap is not None else ()
 
-    def move(self, device, keep_host_copy: bool = False) -> "LensDiT":
-        """Move the model (less the blocks a block swap keeps in CPU memory) through its page-locked host copies
-        (see memory/host_copies.py)."""
-        move_model(self, device, keep_host_copy)
+    def place(self, device) -> "LensDiT":
+        """Outside ComfyUI: the weights on `device`, less the swapped blocks (see placement.place)."""
+        placement.place(self, device, self.keeps_on_cpu())
         return self
 
-    def compile_blocks(self, warm_up: bool = True, cuda_graphs: bool = False) -> float:
-        """Compile every block with torch.compile; returns the warm-up seconds.
+    def compile_blocks(self, cuda_graphs: bool = False) -> None:
+        """Compile every block with torch.compile, at the first forward, on the device the model then runs on.
 
         All 48 blocks share one compiled graph (their weights are graph inputs), and shapes are dynamic, so a
-        new image size or prompt length reuses it. The warm-up compiles the shapes a run meets first: batch 1
-        (Turbo) and batch 2 with a padded prompt (CFG); torch specialises size-1 batches, hence both.
-        cuda_graphs: also replay each block as a CUDA graph (torch.compile's "reduce-overhead"), an experiment for
-        Turbo's few steps where launch overhead weighs most (bench_sampling.py --mode compiled_cudagraphs); each
-        new shape records 48 graphs. Without CUDA it compiles as usual.
+        new image size or prompt length reuses it. cuda_graphs: also replay each block as a CUDA graph
+        (torch.compile's "reduce-overhead"), an experiment for Turbo's few steps where launch overhead weighs most
+        (bench_sampling.py --mode compiled_cudagraphs); each new shape records 48 graphs.
         """
         for block in self.transformer_blocks:
             block.compile(dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
         self.compiled = True
-        started = time.perf_counter()
-        if warm_up:
-            cfg, device = self.config, self.device
-            with torch.no_grad():
-                for batch, mask in ((1, None), (2, torch.tensor([[True] * 7, [True] * 3 + [False] * 4], device=device))):
-                    self(torch.zeros(batch, 15, cfg.in_channels, device=device), torch.full((batch,), 0.5, device=device),
-                         torch.zeros(batch, 7, cfg.text_layers, cfg.text_width, device=device), mask, (3, 5))
-        seconds = time.perf_counter() - started
-        log.info("Lens: compiled the denoiser's blocks in %.1f s (new image sizes and prompt lengths reuse them)", seconds)
-        return seconds
 
     @property
     def device(self) -> torch.device:
@@ -339,9 +339,19 @@ class LensDiT(nn.Module):
                 f"batch sizes differ: x {x.shape[0]}, sigma {tuple(sigma.shape)}, text {text.shape[0]}."
             )
 
-    def forward(self, x, sigma, text, text_mask, grid):
+    def forward(self, x, sigma, text, text_mask, grid, transformer_options: dict | None = None, device=None):
+        """The velocity, computed on `device` (default: the model's; ComfyUI names its compute device, since under its
+        partial loading some layers stay in CPU memory). `transformer_options` (ComfyUI's, optional) may hold, as for
+        ComfyUI's native Lens:
+        - "patches_replace" -> "dit" -> ("double_block", i): called instead of block i with {"img", "txt", "vec" (SiLU of
+          the time embedding), "pe" (the RoPE table), "attn_mask", "transformer_options"} and {"original_block"};
+          returns {"img", "txt"};
+        - "patches" -> "post_input" (after the input projections) and "double_block" (after each block): called with
+          {"img", "txt", ...}, return {"img", "txt"}."""
         self.check_inputs(x, sigma, text, text_mask, grid)
-        dtype, device = self.dtype, self.device
+        options = dict(transformer_options or {})
+        patches, replace = options.get("patches", {}), options.get("patches_replace", {}).get("dit", {})
+        dtype, device = self.dtype, torch.device(device) if device is not None else self.device
         h, w = grid
         if text_mask is not None and text_mask.device.type == "cpu" and bool(text_mask.all()):
             text_mask = None  # free to check on the CPU; on a GPU it would sync, so callers pass None there
@@ -352,12 +362,30 @@ class LensDiT(nn.Module):
         silu_temb = F.silu(self.time_text_embed.timestep_embedder(sigma, dtype))  # what every modulation takes
         img = self.img_in(x)
         txt = self.txt_in(torch.cat([norm(text[:, :, i]) for i, norm in enumerate(self.txt_norm)], dim=-1))
+        for patch in patches.get("post_input", ()):
+            out = patch({"img": img, "txt": txt, "transformer_options": options})
+            img, txt = out["img"], out["txt"]
 
         rope = rope_frequencies(h, w, text.shape[1], self.config.axes_dims, device)
         key_bias = None if text_mask is None else _key_bias(text_mask.to(device, torch.bool), h * w, dtype)
         blocks = self.transformer_blocks if self.block_swap is None else self.block_swap.streamed(self.transformer_blocks, device)
+        options.update(total_blocks=len(self.transformer_blocks), block_type="double")
         for index, block in enumerate(blocks):
-            img, txt = block(img, txt, silu_temb, rope, key_bias if self.text_mask == "every_block" or index == 0 else None)
+            options["block_index"] = index
+            bias = key_bias if self.text_mask == "every_block" or index == 0 else None
+            if ("double_block", index) in replace:
+                def original(args, block=block):
+                    out_img, out_txt = block(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"))
+                    return {"img": out_img, "txt": out_txt}
+
+                out = replace[("double_block", index)]({"img": img, "txt": txt, "vec": silu_temb, "pe": rope, "attn_mask": bias,
+                                                         "transformer_options": options}, {"original_block": original})
+                img, txt = out["img"], out["txt"]
+            else:
+                img, txt = block(img, txt, silu_temb, rope, bias)
+            for patch in patches.get("double_block", ()):
+                out = patch({"img": img, "txt": txt, "x": x, "block_index": index, "transformer_options": options})
+                img, txt = out["img"], out["txt"]
         return self.proj_out(self.norm_out(img, silu_temb))
 
 

@@ -3,6 +3,11 @@
 Our own implementation (transformers' `GptOssModel` is the reference in tests) so that the expert
 banks can stay packed: `GptOssEncoder.features` runs layers 0..max(layers), captures the residual
 stream after each selected layer (no final norm) and stops after the last one.
+
+Layers come from `operations` (torch.nn, or ComfyUI's comfy.ops); the expert banks are packed layers
+(quant/layers.PackedBank) that decode one routed expert at a time on the compute device. Weights that are no
+layer's own (the attention sinks, the token embedding) are brought to the compute device where they are used, so
+the encoder also runs with some of its layers left in CPU memory (ComfyUI's partial loading, expert streaming).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..memory.host_copies import move_model
-from ..norms import RMSNorm
+from .. import placement
+from ..errors import LensInputError
+from ..quant import formats
+from ..quant.layers import PackedBank
 
 
 @dataclass(frozen=True)
@@ -70,14 +77,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GptOssConfig):
+    def __init__(self, cfg: GptOssConfig, ops, **factory):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim)
-        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim)
-        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim)
-        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden)
-        self.sinks = nn.Parameter(torch.zeros(cfg.heads))
+        self.q_proj = ops.Linear(cfg.hidden, cfg.heads * cfg.head_dim, **factory)
+        self.k_proj = ops.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, **factory)
+        self.v_proj = ops.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, **factory)
+        self.o_proj = ops.Linear(cfg.heads * cfg.head_dim, cfg.hidden, **factory)
+        self.sinks = nn.Parameter(torch.zeros(cfg.heads, **factory), requires_grad=False)
 
     def forward(self, x, cos, sin, bias):
         b, s, _ = x.shape
@@ -90,58 +97,50 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(cfg.head_dim) + bias
         # The sink joins the softmax denominator as one more logit per head and carries no value.
-        sink = self.sinks.float().view(1, -1, 1, 1).expand(b, -1, s, 1)
+        sink = self.sinks.to(x.device, torch.float32).view(1, -1, 1, 1).expand(b, -1, s, 1)
         probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
         out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out)
 
 
-class Router(nn.Module):
-    def __init__(self, cfg: GptOssConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(cfg.experts, cfg.hidden))
-        self.bias = nn.Parameter(torch.zeros(cfg.experts))
-
-
 class MoE(nn.Module):
-    """Top-k experts with the clamped SwiGLU; the banks (`gate_up`, `down`) are set by the loader."""
+    """Top-k experts with the clamped SwiGLU. The banks' formats (`bank_formats`: gate_up, down) come from the file;
+    gate_up's rows alternate gate, up (HF's `gate_up_proj` order)."""
 
-    def __init__(self, cfg: GptOssConfig):
+    def __init__(self, cfg: GptOssConfig, ops, bank_formats, **factory):
         super().__init__()
         self.cfg = cfg
-        self.router = Router(cfg)
-        self.gate_up_bias = nn.Parameter(torch.zeros(cfg.experts, 2 * cfg.expert_hidden))
-        self.down_bias = nn.Parameter(torch.zeros(cfg.experts, cfg.hidden))
-        self.gate_up: nn.Module | None = None  # expert banks (experts.py), set by the loader
-        self.down: nn.Module | None = None
+        self.router = ops.Linear(cfg.hidden, cfg.experts, **factory)
+        gate_up_format, down_format = bank_formats
+        self.gate_up = PackedBank(gate_up_format, cfg.experts, 2 * cfg.expert_hidden, cfg.hidden, **factory)
+        self.down = PackedBank(down_format, cfg.experts, cfg.hidden, cfg.expert_hidden, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         flat = x.reshape(-1, x.shape[-1])
-        logits = F.linear(flat, self.router.weight, self.router.bias)
-        top_logits, top_experts = logits.topk(cfg.experts_per_token, dim=-1)
+        top_logits, top_experts = self.router(flat).topk(cfg.experts_per_token, dim=-1)
         top_weights = top_logits.float().softmax(dim=-1)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        dtype, device = flat.dtype, flat.device
         for expert in top_experts.unique().tolist():
             rows, slot = (top_experts == expert).nonzero(as_tuple=True)
-            tokens = flat[rows]
-            gate_up = F.linear(tokens, self.gate_up.weight(expert, flat.dtype, flat.device), self.gate_up_bias[expert])
+            gate_up = F.linear(flat[rows], self.gate_up.expert_weight(expert, dtype, device), self.gate_up.expert_bias(expert, dtype, device))
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
             gate = gate.clamp(max=cfg.swiglu_limit)
             up = up.clamp(-cfg.swiglu_limit, cfg.swiglu_limit)
             hidden = (up + 1) * (gate * torch.sigmoid(gate * cfg.swiglu_alpha))
-            expert_out = F.linear(hidden, self.down.weight(expert, flat.dtype, flat.device), self.down_bias[expert])
+            expert_out = F.linear(hidden, self.down.expert_weight(expert, dtype, device), self.down.expert_bias(expert, dtype, device))
             out.index_add_(0, rows, expert_out.float() * top_weights[rows, slot, None])
         return out.to(x.dtype).view(x.shape)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: GptOssConfig):
+    def __init__(self, cfg: GptOssConfig, ops, bank_formats, **factory):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
-        self.self_attn = Attention(cfg)
-        self.mlp = MoE(cfg)
+        self.input_layernorm = ops.RMSNorm(cfg.hidden, eps=cfg.rms_eps, **factory)
+        self.post_attention_layernorm = ops.RMSNorm(cfg.hidden, eps=cfg.rms_eps, **factory)
+        self.self_attn = Attention(cfg, ops, **factory)
+        self.mlp = MoE(cfg, ops, bank_formats, **factory)
 
     def forward(self, x, cos, sin, bias):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
@@ -149,12 +148,20 @@ class DecoderLayer(nn.Module):
 
 
 class GptOssEncoder(nn.Module):
-    def __init__(self, cfg: GptOssConfig):
+    """GPT-OSS's layers up to the last one Lens reads. `bank_formats(layer)` -> (gate_up format, down format): the packed
+    formats of that layer's expert banks (the file's; dense float32 for a model built in memory)."""
+
+    def __init__(self, cfg: GptOssConfig, operations=nn, bank_formats=None, device=None, dtype=None):
         super().__init__()
         self.config = cfg
         self.stream_experts = False
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.layers)])
+        factory = {"device": device, "dtype": dtype}
+        dense = (formats.dense(dtype or torch.get_default_dtype()),) * 2
+        # The token embedding is a plain table, looked up wherever it lives (see `embed`), never a ComfyUI layer:
+        # ComfyUI would copy all 1.16 GB of it to the GPU for every prompt when it stays in CPU memory.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden, **factory)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, operations, bank_formats(i) if bank_formats else dense, **factory)
+                                     for i in range(cfg.layers)])
         # float32 RoPE frequencies, a plain attribute (not a buffer): a cast of the model must not round them. Computed
         # on the CPU even when the model is built on the meta device (as the loaders do), so no loader rebuilds them.
         with torch.device("cpu"):
@@ -162,37 +169,36 @@ class GptOssEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].self_attn.q_proj.weight.dtype
+        """The compute dtype: the norms' (packed banks decode into it; a cast of the model changes it)."""
+        return self.layers[0].input_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
         return self.layers[0].self_attn.q_proj.weight.device
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt's rows of the token embedding, looked up where the table lives, sent to the compute device."""
-        return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.device, self.dtype)
+    def embed(self, input_ids: torch.Tensor, device) -> torch.Tensor:
+        """The prompt's rows of the token embedding, looked up where the table lives, sent to `device`."""
+        return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(device, self.dtype)
 
-    def cpu_resident(self) -> dict[str, bool]:
-        """What stays in CPU memory wherever the encoder computes (name prefix -> whether it streams to the compute
-        device, and so is page-locked): the token embedding (a prompt looks up a few hundred of its 201,088 rows, on
-        the CPU, and only those go to the GPU: 1.16 GB less GPU memory) and, while streamed, the expert banks."""
-        resident = {"embed_tokens.": False}
-        if self.stream_experts:
-            resident.update({f"layers.{i}.mlp.{bank}.": True for i in range(len(self.layers)) for bank in ("gate_up", "down")})
-        return resident
+    def keeps_on_cpu(self, streaming: bool | None = None) -> tuple[str, ...]:
+        """Outside ComfyUI, what stays in CPU memory wherever the encoder computes: the token embedding (a prompt looks
+        up a few hundred of its 201,088 rows on the CPU and sends only those: 1.16 GB less GPU memory) and, while
+        streamed (`streaming`, default: as set), the expert banks."""
+        streaming = self.stream_experts if streaming is None else streaming
+        banks = tuple(f"layers.{i}.mlp.{bank}." for i in range(len(self.layers)) for bank in ("gate_up", "down"))
+        return ("embed_tokens.",) + (banks if streaming else ())
 
-    def move(self, device, keep_host_copy: bool = False) -> "GptOssEncoder":
-        """Move the encoder (less what `cpu_resident` keeps in CPU memory) through its page-locked host copies
-        (see memory/host_copies.py)."""
-        move_model(self, device, keep_host_copy)
+    def place(self, device) -> "GptOssEncoder":
+        """Outside ComfyUI: the weights on `device`, less what `keeps_on_cpu` names (see placement.place)."""
+        placement.place(self, device, self.keeps_on_cpu())
         return self
 
     def set_expert_streaming(self, on: bool) -> None:
-        """Keep the packed expert banks (12 of the 13 GB) in page-locked CPU memory and copy each routed expert to the
-        compute device as a layer needs it: the GPU holds ~1.3 GB (attention and norms) instead of ~11.4 GB."""
+        """Outside ComfyUI: keep the packed expert banks (12 of the 13 GB) in page-locked CPU memory and copy each routed
+        expert to the compute device as a layer needs it: the GPU holds ~1.3 GB (attention and norms) instead of ~11.4 GB."""
         if on != self.stream_experts:
             self.stream_experts = on
-            self.move(self.device)
+            self.place(self.device)
 
     def _attention_bias(self, attention_mask: torch.Tensor, sliding: bool) -> torch.Tensor:
         """[B, 1, S, S] float32: 0 where a query may see a key, -inf elsewhere (causal, padding, window)."""
@@ -208,18 +214,23 @@ class GptOssEncoder(nn.Module):
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 layers: tuple[int, ...] = (5, 11, 17, 23)) -> list[torch.Tensor]:
-        """The residual stream after each of `layers` (0-based), each [B, S, hidden], no final norm."""
+                 layers: tuple[int, ...] = (5, 11, 17, 23), device=None) -> list[torch.Tensor]:
+        """The residual stream after each of `layers` (0-based), each [B, S, hidden], no final norm, computed on `device`
+        (default: the model's; ComfyUI names its compute device, since under its partial loading some layers stay in
+        CPU memory)."""
         if max(layers) >= len(self.layers) or min(layers) < 0:
-            raise ValueError(f"layers {layers} out of range for a {len(self.layers)}-layer encoder")
+            source = getattr(self, "source", "this text encoder")
+            raise LensInputError(f"{source}: it has {len(self.layers)} layers, but the features are read after layers "
+                                 f"{', '.join(map(str, layers))}. Lens needs GPT-OSS-20B (24 layers).")
+        device = torch.device(device) if device is not None else self.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        positions = torch.arange(input_ids.shape[1], device=self.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq.to(self.device)[None]
+        attention_mask = attention_mask.to(device)
+        positions = torch.arange(input_ids.shape[1], device=device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq.to(device)[None]
         cos, sin = torch.cos(angles) * self.rope_scale, torch.sin(angles) * self.rope_scale
         biases = {kind: self._attention_bias(attention_mask, kind == "sliding_attention") for kind in set(self.config.layer_types)}
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, device)
         captured = {}
         for index in range(max(layers) + 1):
             x = self.layers[index](x, cos, sin, biases[self.config.layer_types[index]])

@@ -136,7 +136,7 @@ def encode_prompts(encoder, tokenizer: LensTokenizer, prompts: list[str] | str, 
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     # What the features depend on besides the prompt: the weights, the compute dtype and this code.
-    identity = f"{encoder.identity}:{getattr(encoder, 'dtype', None)}:v{FEATURES_VERSION}"
+    identity = f"{encoder.identity}:{encoder.dtype}:v{FEATURES_VERSION}"
     results: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(prompts)
     todo = []
     for i, prompt in enumerate(prompts):

@@ -14,6 +14,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..checkpoint.files import MAX_JSON_BYTES
 from ..errors import LensFileError
 
 HARMONY_SPECIAL_TOKENS = {
@@ -76,6 +77,17 @@ def _bundled() -> LensTokenizer:
     return LensTokenizer(lambda text: encoding.encode(text, allowed_special="all"), f"bundled o200k_base ranks ({BUNDLED_RANKS.name})")
 
 
+def _from_json_file(path: Path) -> LensTokenizer:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise LensFileError(f"{path}: {path.stat().st_size:,} bytes is too large for a tokenizer.json. Download the "
+                            "tokenizer again with the text encoder's other files.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise LensFileError(f"{path}: this is not UTF-8 text, so it is not a tokenizer.json. Download it again.") from None
+    return _from_json_text(text, str(path))
+
+
 def _from_json_text(json_text: str, source: str) -> LensTokenizer:
     from tokenizers import Tokenizer
 
@@ -86,9 +98,12 @@ def _from_json_text(json_text: str, source: str) -> LensTokenizer:
     return LensTokenizer(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, source)
 
 
-def _candidate_jsons(path: Path) -> list[Path]:
+def tokenizer_file(path: Path) -> Path | None:
+    """The tokenizer.json that serves the encoder at `path` (file or folder): beside it, in a `tokenizer/` folder beside
+    it, or in the `tokenizer/` folder of the repository around it (Microsoft's layout); None when there is none."""
     folder = path if path.is_dir() else path.parent
-    return [folder / "tokenizer.json", folder / "tokenizer" / "tokenizer.json", folder.parent / "tokenizer" / "tokenizer.json"]
+    candidates = [folder / "tokenizer.json", folder / "tokenizer" / "tokenizer.json", folder.parent / "tokenizer" / "tokenizer.json"]
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> LensTokenizer:
@@ -100,11 +115,11 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LensTokenizer:
         return _bundled()
     path = Path(path)
     if path.suffix == ".json" and path.is_file():
-        tokenizer = _from_json_text(path.read_text(encoding="utf-8"), str(path))
+        tokenizer = _from_json_file(path)
     else:
-        found = next((p for p in _candidate_jsons(path) if p.is_file()), None)
+        found = tokenizer_file(path)
         if found is not None:
-            tokenizer = _from_json_text(found.read_text(encoding="utf-8"), str(found))
+            tokenizer = _from_json_file(found)
         else:
             tokenizer = _embedded(path) or _bundled()
             if path.is_file() and path.suffix.lower() == ".gguf":

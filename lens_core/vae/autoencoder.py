@@ -11,8 +11,8 @@ import logging
 
 import torch
 
+from .. import placement
 from ..errors import LensInputError
-from ..memory.host_copies import move_model
 from .latent import fold, unfold
 from .model import FluxVAEModel
 
@@ -79,7 +79,10 @@ def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, scale_num: int, sc
 
 
 class LensVAE:
-    """The FLUX.2 VAE plus the Lens latent conventions: latents are [B, 128, H/16, W/16], BN-normalised."""
+    """The FLUX.2 VAE plus the Lens latent conventions: latents are [B, 128, H/16, W/16], BN-normalised.
+
+    `decode` / `encode` compute on `device` (default: the model's; ComfyUI names its compute device, since under its
+    partial loading some layers stay in CPU memory)."""
 
     def __init__(self, model: FluxVAEModel, source: str = "<memory>"):
         self.model = model.eval()
@@ -102,14 +105,14 @@ class LensVAE:
         """Image pixels per Lens latent position (16 for the real VAE: x8 in the VAE, x2 in the fold)."""
         return 2 * self.model.config.downscale
 
-    def move(self, device, keep_host_copy: bool = False) -> "LensVAE":
-        """Move the model through its page-locked host copies (see memory/host_copies.py)."""
-        move_model(self.model, device, keep_host_copy)
+    def place(self, device) -> "LensVAE":
+        """Outside ComfyUI: the weights on `device` (see placement.place)."""
+        placement.place(self.model, device)
         return self
 
     # -- decode -----------------------------------------------------------------------------------
-    def _decode_untiled(self, latent: torch.Tensor) -> torch.Tensor:
-        z = unfold(self.model.bn.denormalize(latent.to(self.device)))
+    def _decode_untiled(self, latent: torch.Tensor, device: torch.device) -> torch.Tensor:
+        z = unfold(self.model.bn.denormalize(latent.to(device)))
         z = self.model.post_quant_conv(z.to(self.dtype))
         return self.model.decoder(z)
 
@@ -128,7 +131,7 @@ class LensVAE:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, tile: bool | None = None, tile_size: int | None = None,
-               overlap: int = DEFAULT_OVERLAP, clamp: bool = True) -> torch.Tensor:
+               overlap: int = DEFAULT_OVERLAP, clamp: bool = True, device=None) -> torch.Tensor:
         """latent [B, 128, h, w] -> image [B, 3, 16h, 16w] in [-1, 1] (float32, on the CPU).
 
         tile: None = decide from free memory; True / False force it. tile_size (Lens latent positions): None = the
@@ -140,7 +143,8 @@ class LensVAE:
                 f"[B, {self.latent_channels}, h, w] (a Lens latent). SD/SDXL/FLUX latents have 4 or 16 channels."
             )
         h, w = latent.shape[-2:]
-        available, auto = _available_bytes(self.device), tile is None
+        device = torch.device(device) if device is not None else self.device
+        available, auto = _available_bytes(device), tile is None
         if auto:
             scale = self.pixels_per_latent
             tile = self.decode_bytes(h * scale, w * scale) > 0.8 * available
@@ -148,14 +152,14 @@ class LensVAE:
                 log.info("Lens VAE: decoding %dx%d in tiles (not enough free memory for one pass)", w * scale, h * scale)
         tile_size = tile_size or (self.largest_tile(h, w, available) if auto else DEFAULT_TILE)
         if tile and (h > tile_size or w > tile_size):
-            image = tiled_apply(self._decode_untiled, latent, tile_size, overlap, self.pixels_per_latent, 1, 3)
+            image = tiled_apply(lambda piece: self._decode_untiled(piece, device), latent, tile_size, overlap, self.pixels_per_latent, 1, 3)
         else:
-            image = self._decode_untiled(latent).float().cpu()
+            image = self._decode_untiled(latent, device).float().cpu()
         return image.clamp(-1.0, 1.0) if clamp else image
 
     # -- encode -----------------------------------------------------------------------------------
-    def _encode_untiled(self, image: torch.Tensor) -> torch.Tensor:
-        moments = self.model.quant_conv(self.model.encoder(image.to(self.device, self.dtype)))
+    def _encode_untiled(self, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        moments = self.model.quant_conv(self.model.encoder(image.to(device, self.dtype)))
         mean = moments[:, : self.model.config.z_channels]
         return self.model.bn.normalize(fold(mean))
 
@@ -174,7 +178,7 @@ class LensVAE:
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor, tile: bool | None = None, tile_size: int = DEFAULT_TILE,
-               overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
+               overlap: int = DEFAULT_OVERLAP, device=None) -> torch.Tensor:
         """image [B, 3, H, W] in [-1, 1] -> latent [B, 128, H/16, W/16] (float32, on the CPU).
 
         Sides that are not multiples of 16 are centre-cropped (with a warning).
@@ -182,11 +186,13 @@ class LensVAE:
         if image.ndim != 4 or image.shape[1] != 3:
             raise LensInputError(f"cannot encode an image of shape {tuple(image.shape)}; expected [B, 3, H, W] RGB in [-1, 1].")
         image = self.crop_to_multiple(image)
+        device = torch.device(device) if device is not None else self.device
         scale = self.pixels_per_latent
         height, width = image.shape[-2:]
         if tile is None:
-            tile = self.decode_bytes(height, width) > 0.8 * _available_bytes(self.device)
+            tile = self.decode_bytes(height, width) > 0.8 * _available_bytes(device)
         pixel_tile = tile_size * scale
         if tile and (height > pixel_tile or width > pixel_tile):
-            return tiled_apply(self._encode_untiled, image, pixel_tile, overlap * scale, 1, scale, self.latent_channels)
-        return self._encode_untiled(image).float().cpu()
+            return tiled_apply(lambda piece: self._encode_untiled(piece, device), image, pixel_tile, overlap * scale, 1, scale,
+                               self.latent_channels)
+        return self._encode_untiled(image, device).float().cpu()

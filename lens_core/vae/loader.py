@@ -10,9 +10,10 @@ import os
 import re
 
 import torch
+from torch import nn
 
 from ..checkpoint.identify import describe, placement_hint
-from ..checkpoint.safetensors_reader import Checkpoint, open_component
+from ..checkpoint.source import ShardSet, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint
 from ..device import resolve_compute
 from ..errors import LensFileError
@@ -41,7 +42,7 @@ def _diffusers_to_ldm(key: str, up_levels: int) -> str:
     return key
 
 
-def _ldm_names(ckpt: Checkpoint) -> dict[str, str]:
+def _ldm_names(ckpt: ShardSet) -> dict[str, str]:
     """ldm name -> key in the file, for every tensor of the file."""
     keys = list(ckpt.keys())
     if any(".up_blocks." in k or ".down_blocks." in k for k in keys):
@@ -57,7 +58,7 @@ def _ldm_names(ckpt: Checkpoint) -> dict[str, str]:
     return names
 
 
-def _config(names: dict[str, str], ckpt: Checkpoint) -> VAEConfig:
+def _config(names: dict[str, str], ckpt: ShardSet) -> VAEConfig:
     def shape(name):
         return ckpt.shape(names.get(name, name))
 
@@ -69,7 +70,7 @@ def _config(names: dict[str, str], ckpt: Checkpoint) -> VAEConfig:
                      z_channels=shape("decoder.conv_in.weight")[1], image_channels=shape("encoder.conv_in.weight")[1])
 
 
-def _check_is_flux2_vae(names: dict[str, str], ckpt: Checkpoint) -> None:
+def _check_is_flux2_vae(names: dict[str, str], ckpt: ShardSet) -> None:
     required = ("encoder.conv_in.weight", "decoder.conv_in.weight", "bn.running_mean", "bn.running_var")
     if all(r in names for r in required):
         return
@@ -88,10 +89,11 @@ def check_file(path: str | os.PathLike) -> None:
     _check_is_flux2_vae(_ldm_names(ckpt), ckpt)
 
 
-def load_vae(path: str | os.PathLike, device=None, dtype=None) -> LensVAE:
+def load_vae(path: str | os.PathLike, device=None, dtype=None, operations=nn) -> LensVAE:
     """Load the FLUX.2 VAE from any of its published layouts into a `LensVAE`.
 
-    Defaults: CUDA when available (bf16), else CPU (fp32).
+    Defaults: CUDA when available (bf16), else CPU (fp32). `operations`: the layer classes (torch.nn; ComfyUI passes
+    its comfy.ops).
     """
     device, dtype = resolve_compute(device, dtype, what="the Lens VAE")
     ckpt = open_component(path, "vae", "diffusion_pytorch_model")
@@ -100,7 +102,7 @@ def load_vae(path: str | os.PathLike, device=None, dtype=None) -> LensVAE:
     _check_is_flux2_vae(names, ckpt)
     cfg = _config(names, ckpt)
     with torch.device("meta"):
-        model = FluxVAEModel(cfg)
+        model = FluxVAEModel(cfg, operations, dtype=dtype)
     if ckpt.shape(names["bn.running_mean"]) != (4 * cfg.z_channels,):
         raise LensFileError(
             f"{ckpt.name}: the BatchNorm has {ckpt.shape(names['bn.running_mean'])} statistics but the latent has "
@@ -108,12 +110,13 @@ def load_vae(path: str | os.PathLike, device=None, dtype=None) -> LensVAE:
         )
     expected = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
 
-    def shape_of(name):
+    def shape_of(name, packed):
         return expected[name] if ckpt.shape(names[name]) + (1, 1) == expected[name] else ckpt.shape(names[name])
 
     def read(name, dtype_):
         return ckpt.read(names[name], dtype_).reshape(expected[name])
 
     check_against_checkpoint(model, names.keys(), shape_of, ckpt.name)
-    model = fill_from_checkpoint(model, read, device, dtype, dtype_for={"bn.running_mean": torch.float32, "bn.running_var": torch.float32})
+    model = fill_from_checkpoint(model, read, device, dtype, dtype_for={"bn.running_mean": torch.float32, "bn.running_var": torch.float32},
+                                 file_name=ckpt.name)
     return LensVAE(model, source=ckpt.name)

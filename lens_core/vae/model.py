@@ -1,8 +1,9 @@
 """The FLUX.2 autoencoder (a KL autoencoder in the ldm layout), sizes read from the checkpoint.
 
 Module names follow the ldm / Comfy-Org `flux2-vae.safetensors` keys; the loader renames
-diffusers and BFL files onto them. GroupNorm(32, eps 1e-6) and the mid attention compute in
-float32; everything else runs in the weights' dtype.
+diffusers and BFL files onto them. GroupNorm(32, eps 1e-6) accumulates in float32 (PyTorch's group_norm kernels
+take bf16 input and accumulate, normalise and scale in float32, rounding once on output); everything else runs in
+the weights' dtype. Layers come from `operations` (torch.nn, or ComfyUI's comfy.ops).
 """
 
 from __future__ import annotations
@@ -28,30 +29,18 @@ class VAEConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype.
-
-    PyTorch's group_norm kernels (CPU and CUDA) take bf16 input and accumulate, normalise and scale in float32,
-    rounding once on output: the numbers of casting to float32 first, up to a rare last-bit difference (tested),
-    without two float32 copies of a full-resolution activation (1 GB each at 1440x1440 with 128 channels).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return GroupNorm32(32, channels, eps=1e-6)
+def _norm(channels: int, ops, factory) -> nn.Module:
+    return ops.GroupNorm(32, channels, eps=1e-6, **factory)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, ops, factory):
         super().__init__()
-        self.norm1 = _norm(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.norm1 = _norm(cin, ops, factory)
+        self.conv1 = ops.Conv2d(cin, cout, 3, padding=1, **factory)
+        self.norm2 = _norm(cout, ops, factory)
+        self.conv2 = ops.Conv2d(cout, cout, 3, padding=1, **factory)
+        self.nin_shortcut = ops.Conv2d(cin, cout, 1, **factory) if cin != cout else None
 
     def forward(self, x):
         inplace = not torch.is_grad_enabled()  # SiLU over the norm's fresh output: one full-size temporary fewer
@@ -63,13 +52,13 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions (1x1 convs for q, k, v and the output)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops, factory):
         super().__init__()
-        self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.norm = _norm(channels, ops, factory)
+        self.q = ops.Conv2d(channels, channels, 1, **factory)
+        self.k = ops.Conv2d(channels, channels, 1, **factory)
+        self.v = ops.Conv2d(channels, channels, 1, **factory)
+        self.proj_out = ops.Conv2d(channels, channels, 1, **factory)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -82,18 +71,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops, factory):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = ops.Conv2d(channels, channels, 3, stride=2, **factory)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops, factory):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1, **factory)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -108,31 +97,31 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops, factory):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, ops, factory)
+        self.attn_1 = AttnBlock(channels, ops, factory)
+        self.block_2 = ResnetBlock(channels, channels, ops, factory)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops, factory):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        self.conv_in = nn.Conv2d(cfg.image_channels, cfg.channels, 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.image_channels, cfg.channels, 3, padding=1, **factory)
         levels, cin = [], cfg.channels
         for i, cout in enumerate(widths):
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.res_blocks)]
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout, ops, factory) for j in range(cfg.res_blocks)]
             last = i == len(widths) - 1
-            levels.append(Level(blocks, None if last else Downsample(cout), "downsample"))
+            levels.append(Level(blocks, None if last else Downsample(cout, ops, factory), "downsample"))
             cin = cout
         self.down = nn.ModuleList(levels)
-        self.mid = Mid(widths[-1])
-        self.norm_out = _norm(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
+        self.mid = Mid(widths[-1], ops, factory)
+        self.norm_out = _norm(widths[-1], ops, factory)
+        self.conv_out = ops.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1, **factory)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -146,21 +135,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops, factory):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
-        self.mid = Mid(widths[-1])
+        self.conv_in = ops.Conv2d(cfg.z_channels, widths[-1], 3, padding=1, **factory)
+        self.mid = Mid(widths[-1], ops, factory)
         levels = [None] * len(widths)
         cin = widths[-1]
         for i in reversed(range(len(widths))):
             cout = widths[i]
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.res_blocks + 1)]
-            levels[i] = Level(blocks, Upsample(cout) if i != 0 else None, "upsample")
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout, ops, factory) for j in range(cfg.res_blocks + 1)]
+            levels[i] = Level(blocks, Upsample(cout, ops, factory) if i != 0 else None, "upsample")
             cin = cout
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], cfg.image_channels, 3, padding=1)
+        self.norm_out = _norm(widths[0], ops, factory)
+        self.conv_out = ops.Conv2d(widths[0], cfg.image_channels, 3, padding=1, **factory)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
@@ -173,17 +162,19 @@ class Decoder(nn.Module):
 
 
 class LatentBatchNorm(nn.Module):
-    """`bn`: only the running statistics are used (affine=False); eps 1e-4."""
+    """`bn`: only the running statistics are used (affine=False); eps 1e-4. Used on the latent's device, wherever the
+    statistics live (ComfyUI may leave this small module in CPU memory)."""
 
-    def __init__(self, channels: int, eps: float = 1e-4):
+    def __init__(self, channels: int, eps: float = 1e-4, device=None):
         super().__init__()
         self.eps = eps
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("running_mean", torch.zeros(channels, device=device))
+        self.register_buffer("running_var", torch.ones(channels, device=device))
 
     def _stats(self, x):
         shape = (1, -1, 1, 1)
-        return self.running_mean.float().view(shape), torch.sqrt(self.running_var.float().view(shape) + self.eps)
+        mean, var = self.running_mean.to(x.device, torch.float32), self.running_var.to(x.device, torch.float32)
+        return mean.view(shape), torch.sqrt(var.view(shape) + self.eps)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self._stats(x)
@@ -195,11 +186,12 @@ class LatentBatchNorm(nn.Module):
 
 
 class FluxVAEModel(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, operations=nn, device=None, dtype=None):
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
-        self.bn = LatentBatchNorm(4 * cfg.z_channels)
+        factory = {"device": device, "dtype": dtype}
+        self.encoder = Encoder(cfg, operations, factory)
+        self.decoder = Decoder(cfg, operations, factory)
+        self.quant_conv = operations.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1, **factory)
+        self.post_quant_conv = operations.Conv2d(cfg.z_channels, cfg.z_channels, 1, **factory)
+        self.bn = LatentBatchNorm(4 * cfg.z_channels, device=device)

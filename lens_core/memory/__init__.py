@@ -1,1 +1,0 @@
-"""Where weights live: page-locked host copies and their budget, and the automatic placement choices."""
