@@ -224,3 +224,237 @@ def shrink(workflow: dict) -> dict:
         if node["type"] == "LensPackTurboSampler":
             node["widgets_values"][2] = 2
     return workflow
+
+
+def conditioning_is_native_layout(work):
+    """Keys and dtypes as native Lens's encoder writes them, so native samplers take the pack's conditioning."""
+    _, encoder, _ = load()
+    positive, negative = encode(encoder, negative="")
+    tensor, extras = positive[0]
+    empty, empty_extras = negative[0]
+    return {"entries": [len(positive), len(negative)], "shape": list(tensor.shape), "dtype": str(tensor.dtype),
+            "keys": sorted(extras), "mask": [str(extras["attention_mask"].dtype), list(extras["attention_mask"].shape),
+                                             bool(extras["attention_mask"].all())],
+            "layers": extras["num_layers_stacked"], "pooled": extras["pooled_output"],
+            "empty": [list(empty.shape), list(empty_extras["attention_mask"].shape), str(empty_extras["attention_mask"].dtype)]}
+
+
+def native_conditioning_and_latents_give_the_same_image(work):
+    """The reference's empty prompt however a graph spells it (zero tokens, all padding, ConditioningZeroOut), a bool
+    mask or extra keys, and ComfyUI's Empty Latent Image in place of the pack's."""
+    model, encoder, _ = load()
+    positive, empty = encode(encoder, negative="")
+    features, extras = positive[0]
+
+    def sampled(pos, neg, latent=None, seed=3):
+        return PACK["LensPackSampler"]().run(model, pos, neg, latent or empty_latent(), seed, 2, 5.0, 1.0)[0]["samples"]
+
+    def empty_latent():
+        return {"samples": torch.zeros(1, 128, 3, 4)}
+
+    baseline = sampled(positive, empty)
+    padded_empty = [[torch.zeros_like(features), {"attention_mask": torch.zeros(features.shape[:2], dtype=torch.int64)}]]
+    (zeroed_out,) = comfy_nodes.ConditioningZeroOut().zero_out(positive)
+    bool_mask = [[features, {"attention_mask": extras["attention_mask"].bool(), "some_other_key": 1}]]
+    (native_latent,) = comfy_nodes.EmptyLatentImage().generate(64, 48, 1)
+    return {"padded_empty": diff(sampled(positive, padded_empty), baseline), "zeroed_out": diff(sampled(positive, zeroed_out), baseline),
+            "bool_mask": diff(sampled(bool_mask, empty), baseline), "native_latent": diff(sampled(positive, empty, native_latent), baseline),
+            "other_seed": diff(sampled(positive, empty, seed=4), baseline)}
+
+
+def bad_inputs_are_refused_with_messages_before_the_model_loads(work):
+    model, encoder, vae = load()
+    positive, negative = encode(encoder, negative="")
+    loads = []
+    real_load = mm.load_models_gpu
+    mm.load_models_gpu = lambda *a, **k: loads.append(1) or real_load(*a, **k)
+    sampler, latent = PACK["LensPackSampler"](), {"samples": torch.zeros(1, 128, 2, 2)}
+    nan = [[torch.full_like(positive[0][0], float("nan")), positive[0][1]]]
+    concatenated = [[torch.cat([positive[0][0]] * 2, dim=1), positive[0][1]]]
+    cases = {
+        "combined": lambda: sampler.run(model, positive + positive, negative, latent, 0, 2, 5.0, 1.0),
+        "concatenated": lambda: sampler.run(model, concatenated, negative, latent, 0, 2, 5.0, 1.0),
+        "sd_latent": lambda: sampler.run(model, positive, negative, {"samples": torch.ones(1, 4, 6, 8)}, 0, 2, 5.0, 1.0),
+        "clip": lambda: sampler.run(model, [[torch.zeros(1, 77, 768), {}]], negative, latent, 0, 2, 5.0, 1.0),
+        "nan_conditioning": lambda: sampler.run(model, nan, negative, latent, 0, 2, 5.0, 1.0),
+        "negative_cfg": lambda: sampler.run(model, positive, negative, latent, 0, 2, -1.0, 1.0),
+        "nan_latent": lambda: sampler.run(model, positive, negative, {"samples": torch.full((1, 128, 2, 2), float("nan"))}, 0, 2, 5.0, 1.0),
+        "empty_latent": lambda: PACK["LensPackVAEDecode"]().decode(vae, {"samples": torch.zeros(1, 128, 0, 0)}),
+        "nan_image": lambda: PACK["LensPackVAEEncode"]().encode(vae, torch.full((1, 32, 32, 3), float("nan"))),
+        "not_lens": lambda: PACK["LensPackTurboSampler"]().run(_sd_like(model), positive, latent, 0, 1),
+        "vae_in_dit_slot": lambda: PACK["LensPackModelLoader"]().load(_vae_in_the_denoiser_folder(), ENCODER, VAE, "auto", "fp32", False),
+    }
+    messages = {}
+    for name, case in cases.items():
+        try:
+            case()
+            messages[name] = None
+        except Exception as e:  # noqa: BLE001 - every case must end in a message
+            messages[name] = f"{type(e).__name__}: {e}"
+    mm.load_models_gpu = real_load
+    return {"messages": messages, "loads": len(loads)}
+
+
+def _vae_in_the_denoiser_folder() -> str:
+    """The VAE file put in models/diffusion_models by mistake; its name there."""
+    import folder_paths
+
+    vae = Path(folder_paths.get_full_path("vae", VAE))
+    mistake = Path(folder_paths.get_folder_paths("diffusion_models")[0]) / "flux2-vae-by-mistake.safetensors"
+    if not mistake.exists():
+        mistake.symlink_to(vae)
+    return mistake.name
+
+
+def _sd_like(model):
+    """A MODEL whose latent format is SD's (4 channels): what a user may wire into a Lens sampler by mistake."""
+    import comfy.latent_formats
+
+    other = model.clone()
+    other.add_object_patch("latent_format", comfy.latent_formats.SD15())
+    other.model = type("Other", (), {"latent_format": comfy.latent_formats.SD15(), "diffusion_model": None})()
+    return other
+
+
+def progress_is_reported_every_step_and_cancel_stops_sampling(work):
+    """ComfyUI's progress bar gets every step (with a preview where previews are on); its interrupt stops the run."""
+    import comfy.utils
+
+    model, encoder, _ = load()
+    positive, _ = encode(encoder)
+    seen = []
+    real_update = comfy.utils.ProgressBar.update_absolute
+
+    def recording(bar, value, total=None, preview=None):
+        seen.append((value, total))
+        return real_update(bar, value, total, preview)
+
+    def hook(value, total, preview, node_id=None):
+        mm.throw_exception_if_processing_interrupted()  # as ComfyUI's server hook does
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    comfy.utils.ProgressBar.update_absolute = recording  # what the sampler reports (recent ComfyUI throttles the hook)
+    try:
+        turbo(model, positive, steps=4)
+        steps = list(seen)
+        seen.clear()
+        calls = []
+        real_apply = model.model._apply_model
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                mm.interrupt_current_processing(True)  # the user presses Cancel during step 2
+            return real_apply(*args, **kwargs)
+
+        model.model._apply_model = counting
+        try:
+            turbo(model, positive, steps=4)
+            cancelled = False
+        except mm.InterruptProcessingException:
+            cancelled = True
+        finally:
+            del model.model._apply_model
+            mm.interrupt_current_processing(False)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.utils.ProgressBar.update_absolute = real_update
+    return {"steps": steps, "cancelled": cancelled, "model_calls": len(calls)}
+
+
+def a_cached_prompt_does_not_load_the_encoder(work):
+    _, encoder, _ = load()
+    loads = []
+    real_load = mm.load_models_gpu
+
+    def recording(models, *args, **kwargs):
+        loads.extend(type(m.model).__name__ for m in models)
+        return real_load(models, *args, **kwargs)
+
+    mm.load_models_gpu = recording
+    try:
+        first = encode(encoder, "a lighthouse in fog", "blurry")
+        after_first = list(loads)
+        second = encode(encoder, "a lighthouse in fog", "blurry")
+        after_second = list(loads)
+    finally:
+        mm.load_models_gpu = real_load
+    return {"after_first": after_first, "after_second": after_second,
+            "same": diff(first[0][0][0], second[0][0][0]) + diff(first[1][0][0], second[1][0][0])}
+
+
+def the_loader_follows_file_content_and_logs_what_it_loaded(work):
+    """A fine-tune of the same size copied with its old modification time (cp -p, rsync -a, tar) is a new model;
+    touching a file is not. One log line per model."""
+    import logging
+    import os
+
+    import folder_paths
+    from safetensors.torch import load_file, save_file
+
+    loader = PACK["LensPackModelLoader"]
+    names = ("lens_bf16.safetensors", ENCODER, VAE)
+    before = loader.IS_CHANGED(*names, variant="auto")
+    vae_file = Path(folder_paths.get_full_path("vae", VAE))
+    original = vae_file.read_bytes()
+    stat = vae_file.stat()
+    os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    touched = loader.IS_CHANGED(*names, variant="auto")
+    tuned = {k: v.clone() for k, v in load_file(str(vae_file)).items()}
+    tuned["decoder.conv_out.bias"] += 0.5
+    try:
+        save_file(tuned, str(vae_file))
+        os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        changed = loader.IS_CHANGED(*names, variant="auto")
+        same_size = vae_file.stat().st_size == stat.st_size
+    finally:
+        vae_file.write_bytes(original)
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("lens_core").addHandler(handler)
+    logging.getLogger("lens_core").setLevel(logging.INFO)
+    try:
+        load("lens_turbo_bf16.safetensors", variant="turbo", weight_dtype="auto")
+    finally:
+        logging.getLogger("lens_core").removeHandler(handler)
+    return {"touched_same": touched == before, "tuned_differs": changed != before, "same_size": same_size,
+            "missing": loader.IS_CHANGED("gone.safetensors", ENCODER, VAE), "log": [line for line in lines if line.startswith("Lens Model Loader:")]}
+
+
+def lora_loader_chains_and_strength_zero_is_identity(work):
+    model, encoder, _ = load()
+    positive, _ = encode(encoder)
+    lora = PACK["LensPackLoraLoader"]()
+    base = turbo(model, positive)
+    (off,) = lora.apply(model, LORA, 0.0)
+    (once,) = lora.apply(model, LORA, 0.5)
+    (twice,) = lora.apply(once, LORA, 0.5)
+    (full,) = lora.apply(model, LORA, 1.0)
+    return {"off_is_model": off is model, "once_changes": diff(turbo(once, positive), base),
+            "twice_is_full": diff(turbo(twice, positive), turbo(full, positive)), "base_unchanged": diff(turbo(model, positive), base)}
+
+
+def concurrent_loads_of_one_file_load_it_once(work):
+    import threading
+    import time
+
+    import folder_paths
+
+    loader_module = __import__(type(PACK["LensPackModelLoader"]()).__module__, fromlist=["x"])
+    loader_module._cache.clear()
+    calls, results = [], []
+
+    def slow_load():
+        calls.append(1)
+        time.sleep(0.2)
+        return object()
+
+    path = folder_paths.get_full_path("vae", VAE)
+    threads = [threading.Thread(target=lambda: results.append(loader_module._load_once("vae", path, None, slow_load))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loader_module._cache.clear()
+    return {"loads": len(calls), "distinct": len({id(r) for r in results})}

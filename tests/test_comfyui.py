@@ -16,7 +16,11 @@ RELEASES = ("0.3.64", "0.12.1")
 SCENARIOS = ("ksampler_and_custom_sampling_match_the_pack_samplers", "the_patcher_is_the_one_comfyui_uses",
              "a_dropped_model_is_collected_after_comfyui_unloads_it", "lora_patches_load_and_unload_with_the_model",
              "a_partial_load_computes_what_a_full_load_computes", "comfyuis_own_nodes_take_the_model",
-             "inpainting_keeps_the_latent_outside_the_mask", "the_text_encoder_and_vae_are_comfyuis_models", "shipped_workflows_run")
+             "inpainting_keeps_the_latent_outside_the_mask", "the_text_encoder_and_vae_are_comfyuis_models", "shipped_workflows_run",
+             "conditioning_is_native_layout", "native_conditioning_and_latents_give_the_same_image",
+             "bad_inputs_are_refused_with_messages_before_the_model_loads", "progress_is_reported_every_step_and_cancel_stops_sampling",
+             "a_cached_prompt_does_not_load_the_encoder", "the_loader_follows_file_content_and_logs_what_it_loaded",
+             "lora_loader_chains_and_strength_zero_is_identity", "concurrent_loads_of_one_file_load_it_once")
 pytestmark = pytest.mark.slow
 
 
@@ -94,3 +98,65 @@ def test_every_shipped_workflow_runs(comfyui):
     assert set(r) == workflows
     for name, outcome in r.items():
         assert outcome["images"] and outcome["finite"], name
+
+
+def test_conditioning_is_native_lens_layout(comfyui):
+    r = result(comfyui, "conditioning_is_native_layout")
+    assert r["entries"] == [1, 1] and r["shape"][-1] == 4 * 64 and r["dtype"] == "torch.float32"
+    assert r["keys"] == ["attention_mask", "num_layers_stacked", "pooled_output"]
+    assert r["mask"][0] == "torch.int64" and r["mask"][1] == r["shape"][:2] and r["mask"][2]
+    assert r["layers"] == 4 and r["pooled"] is None
+    assert r["empty"] == [[1, 0, 4 * 64], [1, 0], "torch.int64"]
+
+
+def test_every_spelling_of_the_empty_prompt_and_native_latents_give_the_same_image(comfyui):
+    r = result(comfyui, "native_conditioning_and_latents_give_the_same_image")
+    assert r["bool_mask"] < 1e-5
+    # As long as the positive, the negative runs in one batch with it (not alone): float32 rounding differs, no more.
+    assert r["padded_empty"] < 2e-4 and r["zeroed_out"] < 2e-4
+    assert r["native_latent"] == 0.0 and r["other_seed"] > 1e-3
+
+
+def test_bad_inputs_are_refused_with_messages_before_the_model_loads(comfyui):
+    r = result(comfyui, "bad_inputs_are_refused_with_messages_before_the_model_loads")
+    m = r["messages"]
+    expected = {"combined": "positive conditioning has 2 entries .*Conditioning Combine",
+                "concatenated": r"attention_mask has shape \[1, \d+\] but its features have \d+ tokens",
+                "sd_latent": "Lens latents have 128", "clip": "GPT-OSS features", "nan_conditioning": "positive conditioning holds NaN",
+                "negative_cfg": "cfg must be >= 0", "nan_latent": "the LATENT input holds NaN", "empty_latent": "this latent is empty",
+                "nan_image": "the IMAGE input of Lens VAE Encode holds NaN", "not_lens": "this MODEL is not Lens",
+                "vae_in_dit_slot": "FLUX.2 VAE.*not a Lens denoiser"}
+    import re
+
+    for name, pattern in expected.items():
+        assert m[name] is not None and re.search(pattern, m[name]), (name, m[name])
+        assert len(m[name]) < 2000
+    assert r["loads"] == 0  # every one refused before ComfyUI loaded a model for it
+
+
+def test_progress_every_step_and_cancel_stops_the_run(comfyui):
+    r = result(comfyui, "progress_is_reported_every_step_and_cancel_stops_sampling")
+    assert r["steps"] == [[i, 4] for i in range(1, 5)]
+    assert r["cancelled"] and r["model_calls"] == 2
+
+
+def test_a_cached_prompt_does_not_load_the_encoder(comfyui):
+    r = result(comfyui, "a_cached_prompt_does_not_load_the_encoder")
+    assert r["after_first"] == ["Holder"] and r["after_second"] == ["Holder"] and r["same"] == 0.0
+
+
+def test_the_loader_follows_file_content_and_logs_each_model(comfyui):
+    r = result(comfyui, "the_loader_follows_file_content_and_logs_what_it_loaded")
+    assert r["touched_same"] and r["tuned_differs"] and r["same_size"]
+    assert "gone.safetensors:unreadable" in r["missing"]
+    assert len(r["log"]) == 3 and r["log"][0].startswith("Lens Model Loader: denoiser lens_turbo_bf16.safetensors (turbo): ")
+    assert "of weights, float32, on cpu" in r["log"][0]
+
+
+def test_the_lora_loader_chains_and_strength_zero_is_the_model_itself(comfyui):
+    r = result(comfyui, "lora_loader_chains_and_strength_zero_is_identity")
+    assert r["off_is_model"] and r["once_changes"] > 1e-3 and r["twice_is_full"] < 1e-4 and r["base_unchanged"] == 0.0
+
+
+def test_concurrent_loads_of_one_file_load_it_once(comfyui):
+    assert result(comfyui, "concurrent_loads_of_one_file_load_it_once") == {"loads": 1, "distinct": 1}
