@@ -50,6 +50,24 @@ def latent_format_class():
     return LensLatentFormat
 
 
+def operations(compute_dtype: torch.dtype, load_device: torch.device):
+    """The layer classes ComfyUI picks for this dtype and device, with Linear layers that always own their weights.
+
+    With dynamic VRAM on Windows, ComfyUI builds Linear layers without weights and gives them theirs in
+    `load_state_dict`. The pack's loaders put each tensor in place themselves (one at a time, as read), so they build
+    every Linear the ordinary way (on the `meta` device: no memory) and keep the rest of ComfyUI's behaviour."""
+    picked = comfy.ops.pick_operations(compute_dtype, None, load_device=load_device)
+
+    class Linear(picked.Linear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+
+        def _load_from_state_dict(self, *args, **kwargs):
+            nn.Linear._load_from_state_dict(self, *args, **kwargs)
+
+    return type("LensOperations", (picked,), {"Linear": Linear})
+
+
 def model_config(compute_dtype: torch.dtype):
     """Native Lens's configuration where ComfyUI has it, else one with the same model sampling and latent format."""
     native = getattr(comfy.supported_models, "Lens", None)

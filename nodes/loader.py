@@ -18,7 +18,7 @@ from ..lens_core.presets import guess_variant
 from ..lens_core.text.loader import encoder_files
 from . import comfy_bridge as comfy
 from .comfy_bridge import list_models, model_path, require_comfyui
-from .comfy_models import denoiser_patcher, plain_patcher
+from .comfy_models import denoiser_patcher, operations, plain_patcher
 from .common import CATEGORY
 
 log = logging.getLogger("lens_core")
@@ -129,7 +129,7 @@ class LensModelLoader:
         device = mm.get_torch_device()
         fp8 = weight_dtype if weight_dtype in FP8_WEIGHT_DTYPES else None
         _, dtype = resolve_compute(device, None if weight_dtype == "auto" or fp8 else weight_dtype, what="the Lens models")
-        ops = comfy.ops.pick_operations(dtype, None, load_device=device)
+        ops = operations(dtype, device)
         dit_path, te_path, vae_path = (model_path("diffusion_models", dit_name), model_path("text_encoders", text_encoder_name),
                                        model_path("vae", vae_name))
 

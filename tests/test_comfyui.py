@@ -20,7 +20,8 @@ SCENARIOS = ("ksampler_and_custom_sampling_match_the_pack_samplers", "the_patche
              "conditioning_is_native_layout", "native_conditioning_and_latents_give_the_same_image",
              "bad_inputs_are_refused_with_messages_before_the_model_loads", "progress_is_reported_every_step_and_cancel_stops_sampling",
              "a_cached_prompt_does_not_load_the_encoder", "the_loader_follows_file_content_and_logs_what_it_loaded",
-             "lora_loader_chains_and_strength_zero_is_identity", "concurrent_loads_of_one_file_load_it_once")
+             "lora_loader_chains_and_strength_zero_is_identity", "concurrent_loads_of_one_file_load_it_once",
+             "the_loader_works_where_comfyui_makes_linear_weights_lazily")
 pytestmark = pytest.mark.slow
 
 
@@ -160,3 +161,8 @@ def test_the_lora_loader_chains_and_strength_zero_is_the_model_itself(comfyui):
 
 def test_concurrent_loads_of_one_file_load_it_once(comfyui):
     assert result(comfyui, "concurrent_loads_of_one_file_load_it_once") == {"loads": 1, "distinct": 1}
+
+
+def test_the_loader_works_where_comfyui_builds_linear_layers_without_weights(comfyui):
+    r = result(comfyui, "the_loader_works_where_comfyui_makes_linear_weights_lazily")
+    assert r.get("same") == 0.0 or "skipped" in r
