@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from .errors import LensError, LensInputError
 from .placement import TEXT_ENCODER_PLACEMENTS
 from .presets import ASPECTS, VARIANTS, bucket_size, check_in_range, guess_variant
 from .sampling import check_size
-from .text.prompt import template_date
+from .text.prompt import replace_lone_surrogates, template_date
 
 DEMO_SIZE = (256, 256)
 
@@ -32,7 +32,7 @@ def _progress(step: int, total: int, _x0) -> None:
 
 def _save(images, out: Path, settings: dict) -> list[Path]:
     """Write the PNGs, each to a temporary file renamed into place: an interrupted or failed write never leaves a
-    truncated image under the final name."""
+    truncated image under the final name. (Not tempfile.mkstemp: its files are private, mode 0600, whatever the umask.)"""
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
@@ -43,7 +43,8 @@ def _save(images, out: Path, settings: dict) -> list[Path]:
         info.add_text("parameters", f"{settings['prompt']}\nNegative prompt: {settings.get('negative', '')}\n"
                                     f"Steps: {settings['steps']}, CFG scale: {settings['cfg']}, Seed: {seed}, "
                                     f"Size: {settings['width']}x{settings['height']}, Model: {settings['model']}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as any new file: the umask decides who reads it
         try:
             with os.fdopen(fd, "wb") as f:
                 image.save(f, format="PNG", pnginfo=info)
@@ -189,6 +190,8 @@ def _load_pipeline(args):
 def main(argv: list[str] | None = None, prog: str = "lens") -> int:
     """Exit codes: 0 done, 1 the image could not be written, 2 a bad input or file, 130 interrupted (Ctrl-C)."""
     args = build_parser(prog).parse_args(argv)
+    # a byte that is not UTF-8 arrives as a lone surrogate, which no PNG text chunk can hold
+    args.prompt, args.negative = replace_lone_surrogates(args.prompt), replace_lone_surrogates(args.negative)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _run(args)

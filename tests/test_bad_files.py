@@ -128,6 +128,15 @@ def test_a_huge_layer_count_in_config_json_costs_nothing_and_is_blamed_on_the_co
             load_text_encoder(folder, device="cpu")
 
 
+def test_a_config_json_that_counts_fewer_layers_than_the_weights_hold_is_refused(golden, tmp_path):
+    """transformers would build the fewer layers and drop the rest; the features come from layers that would not exist."""
+    folder = golden_te_folder(golden, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=1)))
+    with pytest.raises(LensFileError, match=r"config\.json says 1 layers, but the weights beside it hold 6\. The folder mixes"):
+        load_text_encoder(folder, device="cpu")
+
+
 def test_denoiser_config_json_that_is_not_an_object(tmp_path, dit_state):
     from model_files import write_diffusers_shards
 
@@ -176,3 +185,117 @@ def test_bad_quantisation_marker_and_embedded_tokenizer(tmp_path, dit_state):
     save_file({"tokenizer_json": torch.tensor([0xff, 0x00], dtype=torch.uint8)}, str(tmp_path / "te.safetensors"))
     with pytest.raises(LensFileError, match="tokenizer_json is not UTF-8"):
         load_tokenizer(tmp_path / "te.safetensors")
+
+
+def test_names_of_any_length_give_messages_of_a_few_hundred_characters(tmp_path, dit_state, caplog):
+    """A 100 KB tensor name or architecture string is quoted cut short, in errors and in the LoRA loader's log."""
+    import gguf
+    import numpy as np
+    from model_files import finish_gguf
+
+    from lens_core.dit.lora import load_lora
+
+    path = tmp_path / "long.gguf"
+    writer = gguf.GGUFWriter(str(path), "a" * 100_000)
+    writer.add_tensor("b" * 100_000, np.zeros(4, dtype=np.float32))
+    finish_gguf(writer)
+    for load in (load_dit, load_text_encoder):
+        with pytest.raises(LensFileError) as caught:
+            load(path, device="cpu")
+        assert len(str(caught.value)) < 600
+    dit = load_dit(write_single(dit_state, tmp_path / "d.safetensors"), device="cpu")
+    lora = {"diffusion_model.img_in.lora_down.weight": torch.zeros(2, 128),
+            "diffusion_model.img_in.lora_up.weight": torch.zeros(dit.img_in.out_features, 2)}
+    lora |= {"c" * 100_000 + f"{i}.lora_down.weight": torch.zeros(1, 1) for i in range(3)}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    load_lora(tmp_path / "lora.safetensors", dit)
+    assert caplog.messages and max(len(m) for m in caplog.messages) < 1000
+
+
+def _small_gguf(path) -> bytes:
+    """A valid GGUF with metadata of several types and tensors of three storage types; returns its bytes."""
+    import gguf
+    import numpy as np
+    from model_files import finish_gguf, random_blocks
+
+    writer = gguf.GGUFWriter(str(path), "gpt-oss")
+    writer.add_block_count(3)
+    writer.add_rope_freq_base(150000.0)
+    writer.add_token_list(["a", "b", "c"])
+    writer.add_tensor("f32", np.arange(8, dtype=np.float32))
+    writer.add_tensor("f16", np.arange(64, dtype=np.float16).reshape(2, 32))
+    writer.add_tensor("q8", random_blocks(8, 2, 64, np.random.default_rng(0)), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    finish_gguf(writer)
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_gguf_files_either_load_or_raise_lens_file_error(tmp_path, data):
+    """Any bytes changed anywhere in the header (counts, lengths, types, shapes, offsets), or the file cut short: the
+    parser and every read either work or raise LensFileError, and nothing read is larger than the file."""
+    from lens_core.checkpoint.gguf_reader import open_gguf
+
+    path = tmp_path / "fuzz.gguf"
+    original = _small_gguf(path)
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        damaged[data.draw(st.integers(0, 400))] = data.draw(st.integers(0, 255))
+    damaged = damaged[:data.draw(st.integers(0, len(damaged)))] if data.draw(st.booleans()) else damaged
+    path.write_bytes(bytes(damaged))
+    try:
+        file = open_gguf(path)
+        for name in file.keys():
+            assert file.raw(name).numel() <= len(damaged)
+            file.read(name, torch.float32)
+    except LensFileError:
+        pass
+
+
+_CONFIG_VALUES = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=4) | st.lists(st.integers(0, 3), max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.dictionaries(st.sampled_from(["num_hidden_layers", "num_experts_per_tok", "sliding_window", "rms_norm_eps",
+                                               "swiglu_limit", "rope_parameters", "layer_types", "model_type",
+                                               "rope_scaling", "rope_theta"]),
+                              _CONFIG_VALUES | st.dictionaries(st.sampled_from(["rope_theta", "factor", "beta_fast", "truncate"]),
+                                                               _CONFIG_VALUES, max_size=3), min_size=1, max_size=4))
+def test_fuzzed_text_encoder_configs_either_load_or_raise_lens_file_error(golden, tmp_path_factory, fields):
+    folder = golden_te_folder(golden, tmp_path_factory.mktemp("te"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | fields))
+    try:
+        load_text_encoder(folder, device="cpu")
+    except LensFileError:
+        pass
+
+
+def test_a_gguf_tensor_with_no_values_is_refused(tmp_path):
+    """Found by the fuzz test above: a shape byte changed to 0 made decoding fail with a reshape error."""
+    import gguf
+    import numpy as np
+    from model_files import finish_gguf
+
+    from lens_core.checkpoint.gguf_reader import open_gguf
+
+    path = tmp_path / "empty.gguf"
+    writer = gguf.GGUFWriter(str(path), "lens")
+    writer.add_tensor("q8", np.zeros((1, 34), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    finish_gguf(writer)
+    data = path.read_bytes()
+    dims = data.index(b"q8") + 2 + 4  # the name, then n_dims (u32), then the dims (u64 each, innermost first)
+    assert struct.unpack_from("<QQ", data, dims) == (32, 1)
+    path.write_bytes(data[:dims + 8] + struct.pack("<Q", 0) + data[dims + 16:])
+    with pytest.raises(LensFileError, match=r"empty.gguf: tensor 'q8' has shape \[0, 32\], with no values"):
+        open_gguf(tmp_path / "empty.gguf")
+
+
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
+def test_rope_settings_that_are_not_an_object_are_refused(golden, tmp_path, field):
+    """Found by the fuzz test above: `"rope_scaling": true` ended in a TypeError."""
+    folder = golden_te_folder(golden, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"rope_parameters": None, field: True}))
+    with pytest.raises(LensFileError, match=f"config.json: {field} is True, not an object"):
+        load_text_encoder(folder, device="cpu")

@@ -1,6 +1,8 @@
 """The command line refuses every bad input with one line and exit code 2, before it loads or writes anything."""
 
 import json
+import os
+import stat
 
 import pytest
 from PIL import Image
@@ -182,3 +184,21 @@ def test_the_library_version_is_the_package_version():
     tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML")
 
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == lens_core.__version__
+
+
+def test_the_png_gets_the_permissions_any_new_file_gets(tmp_path):
+    """A temporary file is private (0600); the image renamed from it must be readable as the umask allows."""
+    old = os.umask(0o022)
+    try:
+        assert main(["demo", "--out", str(tmp_path / "d.png"), "--steps", "1", "--width", "64", "--height", "64"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d.png").stat().st_mode) == 0o644
+
+
+def test_a_prompt_with_a_byte_that_is_not_utf8_is_drawn_and_stored(tmp_path):
+    """A non-UTF-8 byte in a command-line argument arrives as a lone surrogate; the PNG's text chunk stores U+FFFD."""
+    out = tmp_path / "d.png"
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert main(["demo", "--out", str(out), "--steps", "1", "--width", "64", "--height", "64", "--prompt", prompt]) == 0
+    assert json.loads(Image.open(out).text["lens"])["prompt"] == "caf\ufffd"

@@ -75,6 +75,30 @@ def test_real_denoiser_runs_on_its_device_from_cpu_inputs():
         assert out.device == META and out.shape == (2, 12, 128)
 
 
+class NoFloat64OffTheCPU(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails as Apple GPUs (MPS) do: they have no float64."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type != "cpu":
+                raise TypeError(f"{func}: float64 on {t.device}")
+        return out
+
+
+def test_rope_tables_are_built_on_the_cpu_and_reach_the_device_as_float32():
+    from lens_core.dit.rope import rope_frequencies
+
+    with META:
+        dit = LensDiT(DEMO_DIT)
+    features, mask = cpu_conditioning(3, padded_to=5)
+    with NoFloat64OffTheCPU():
+        assert dit(torch.randn(1, 12, 128), torch.rand(1), features, mask, (3, 4)).device == META
+        table = rope_frequencies(3, 5, 2, (8, 28, 28), META)
+    assert table.device == META and table.dtype == torch.float32
+    assert rope_frequencies(3, 5, 2, (8, 28, 28), META) is table  # once per size and device
+
+
 def test_sampling_a_real_denoiser_on_its_device():
     with META:
         dit = LensDiT(DEMO_DIT)

@@ -169,6 +169,9 @@ class GGUFFile:
             raise LensFileError(
                 f"{self.path}: tensor {short(name)} is stored as {gguf_blocks.type_name(qtype)}, a type this pack does not "
                 f"decode (it reads {', '.join(readable)}). Pick a file quantised to one of those.")
+        if 0 in shape:
+            raise LensFileError(f"{self.path}: tensor {short(name)} has shape {list(shape)}, with no values; no weight of a "
+                                "model is empty. The file is damaged: download it again.")
         values = int(np.prod(shape, dtype=np.float64)) if shape else 1
         if qtype in gguf_blocks.FLOAT_TYPES:
             nbytes = values * gguf_blocks.FLOAT_TYPES[qtype][1].itemsize

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..errors import LensFileError
+from ..errors import LensFileError, some
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
 
@@ -57,7 +57,7 @@ def describe(keys: Iterable[str], shape=lambda key: ()) -> str:
         return f"a VAE without the FLUX.2 BatchNorm ({channels} latent channels)"
     if not keys:
         return "an empty file"
-    return "an unrecognised model (first keys: " + ", ".join(sorted(keys)[:3]) + ")"
+    return f"an unrecognised model (first keys: {some(sorted(keys)[:3])})"
 
 
 _PLACES = (

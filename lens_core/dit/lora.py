@@ -28,7 +28,7 @@ from torch import nn
 from ..checkpoint.files import short
 from ..checkpoint.identify import describe, placement_hint
 from ..checkpoint.safetensors_reader import SafetensorsFile
-from ..errors import LensFileError, LensInputError
+from ..errors import LensFileError, LensInputError, some
 
 log = logging.getLogger("lens_core")
 
@@ -138,7 +138,7 @@ def load_lora(path, dit: nn.Module) -> LoRA:
     layers = {name: _layer(path.name, name, tensors, targets[name]) for name, tensors in sorted(parts.items())}
     if unmatched:
         log.warning("Lens LoRA %s: %d of %d keys match no Lens layer and are ignored, e.g. %s", path.name, len(unmatched),
-                    len(keys), ", ".join(unmatched[:5]))
+                    len(keys), some(unmatched))
     return LoRA(layers, str(path), unmatched, " + ".join(sorted(spellings)))
 
 

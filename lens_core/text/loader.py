@@ -146,15 +146,19 @@ class _HFLayout(_Layout):
         declared, where = read_json_object(config_file, "config.json"), str(config_file)
         if declared.get("model_type", "gpt_oss") != "gpt_oss":
             raise LensFileError(f"{where}: model_type is {short(declared.get('model_type'))}, not gpt_oss. Expected {_EXPECTED}.")
+        for field in ("rope_parameters", "rope_scaling"):  # transformers 5 writes the first, older versions the second
+            if not isinstance(declared.get(field) or {}, dict):
+                raise LensFileError(f"{where}: {field} is {short(declared[field])}, not an object. Download config.json again.")
         rope = declared.get("rope_parameters") or {**(declared.get("rope_scaling") or {}), "rope_theta": declared.get("rope_theta")}
-        if not isinstance(rope, dict):
-            raise LensFileError(f"{where}: the RoPE settings are {short(rope)}, not an object. Download config.json again.")
         declared_layers = _number(declared.get("num_hidden_layers", sizes["layers"]), where, "num_hidden_layers", 1, 1 << 16, True)
         if declared_layers > sizes["layers"]:
             present = {int(m.group(1)) for k in self.ckpt.keys() if (m := re.match(r"model\.layers\.(\d{1,9})\.", k))}
             raise LensFileError(f"{self.ckpt.name}: its config.json says {declared_layers:,} layers, but "
                                 f"{missing_numbers(present, declared_layers)} are missing from the weights. Either a shard is "
                                 "missing (download every file of the text encoder again) or config.json is damaged.")
+        if declared_layers < sizes["layers"]:
+            raise LensFileError(f"{where} says {declared_layers:,} layers, but the weights beside it hold {sizes['layers']:,}. "
+                                "The folder mixes files of different models: download config.json and the weights again.")
         if "layer_types" in declared:
             types = declared["layer_types"]
             if not isinstance(types, list) or len(types) < sizes["layers"] or not all(

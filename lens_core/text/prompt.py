@@ -53,14 +53,20 @@ def template_date(date: str | None) -> str:
     return date
 
 
+def replace_lone_surrogates(text: str) -> str:
+    """`text` as valid Unicode: each lone surrogate (how Python hands over a non-UTF-8 byte of a command-line argument)
+    becomes U+FFFD."""
+    return "".join("\ufffd" if "\ud800" <= char <= "\udfff" else char for char in text)
+
+
 def strip_control_markers(prompt: str) -> str:
     """Remove Harmony markers such as `<|end|>` that would otherwise become control tokens, including those that
     removing others would form (`<|<|end|>end|>`): each marker is removed as soon as its closing `|>` arrives, so
     the text kept never holds one. Lone surrogates (e.g. a non-UTF-8 byte in a command-line argument) become U+FFFD.
     """
     kept: list[str] = []
-    for char in prompt:
-        kept.append("\ufffd" if "\ud800" <= char <= "\udfff" else char)
+    for char in replace_lone_surrogates(prompt):
+        kept.append(char)
         if char == ">" and len(kept) >= 2 and kept[-2] == "|":
             i = len(kept) - 3
             while i >= 0 and kept[i] not in "|<>":
