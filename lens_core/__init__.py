@@ -3,8 +3,7 @@
 No ComfyUI imports here: the node pack around this package is a thin layer over this API.
 """
 
-__version__ = "0.3.0"  # pyproject.toml's version (a test keeps the two equal)
-
+from ._version import __version__ as __version__
 from .dit.layout import latent_to_tokens, tokens_to_latent
 from .dit.loader import load_dit
 from .dit.lora import LoRA, apply_loras, load_lora

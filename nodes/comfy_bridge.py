@@ -7,7 +7,9 @@ and the pack still imports: the nodes' definitions load, the model dropdowns lis
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 from ..lens_core.errors import LensInputError
@@ -34,6 +36,25 @@ try:
 except ImportError:
     conds = latent_formats = lora = model_base = model_management = model_patcher = ops = patcher_extension = None
     sample = samplers = supported_models = supported_models_base = utils = latent_preview = None
+
+log = logging.getLogger("lens_core")
+WARNING_EVENT = "lens.warning"  # web/lens_warnings.js shows these as toasts
+
+
+def show_in_ui(message: str) -> None:
+    """Show a warning in ComfyUI's page (a toast, web/lens_warnings.js), sent to the client that queued the prompt
+    through the server ComfyUI started; nothing where there is no server (a script, the tests)."""
+    server = sys.modules.get("server")  # ComfyUI's own module, imported by ComfyUI before any custom node
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None:
+        instance.send_sync(WARNING_EVENT, {"message": message}, getattr(instance, "client_id", None))
+
+
+def warn(message: str) -> None:
+    """A warning about a result that differs from what the user set: in the console and in the page."""
+    log.warning(message)
+    show_in_ui(message)
+
 
 def require_comfyui(what: str) -> None:
     if model_management is None:

@@ -6,17 +6,14 @@ Native layout: one [B, S, 4*2880] tensor (the four GPT-OSS layers side by side, 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..lens_core import PromptCache, encode_prompts
 from ..lens_core.errors import require_finite
 from . import comfy_bridge as comfy
-from .comfy_bridge import require_comfyui
+from .comfy_bridge import require_comfyui, warn
 from .common import CATEGORY
 
-log = logging.getLogger("lens_core")
 _prompt_cache = PromptCache()
 ENCODER_RESERVE_BYTES = 1_500_000_000  # a 512-token prompt's activations and one layer's routed experts decoded
 
@@ -90,8 +87,8 @@ class LensTextEncode:
         result = encode_prompts(_EncoderOnDemand(text_encoder), text_encoder.tokenizer, [positive, negative], date=template_date,
                                 cache=_prompt_cache)
         if result.dropped_tokens[0]:
-            log.warning("Lens Text Encode: the last %d tokens of the positive prompt did not fit the encoder's window and were cut.",
-                        result.dropped_tokens[0])
+            warn(f"Lens Text Encode: the last {result.dropped_tokens[0]} tokens of the positive prompt did not fit the encoder's "
+                 "window and were cut.")
         positive_length, negative_length = (int(row.sum()) for row in result.mask)
         return (to_conditioning(result.features[:1, :positive_length], result.mask[:1, :positive_length]),
                 to_conditioning(result.features[1:, :negative_length], result.mask[1:, :negative_length]))

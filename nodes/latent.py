@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..lens_core.presets import ASPECTS, LIMITS, bucket_size, check_in_range, size_warnings, snap_to_16
-from .comfy_bridge import intermediate_device
+from .comfy_bridge import intermediate_device, show_in_ui, warn
 from .common import CATEGORY, LENS_CHANNELS
-
-log = logging.getLogger("lens_core")
 
 
 class LensEmptyLatent:
@@ -40,9 +36,10 @@ class LensEmptyLatent:
         if aspect == "custom":
             snapped = snap_to_16(width), snap_to_16(height)
             if snapped != (width, height):
-                log.warning("Lens Empty Latent: %dx%d snapped to %dx%d (multiples of 16)", width, height, *snapped)
+                warn(f"Lens Empty Latent: {width}x{height} snapped to {snapped[0]}x{snapped[1]} (multiples of 16)")
             width, height = snapped
-            size_warnings(height, width)
+            for text in size_warnings(height, width):  # logged by lens_core
+                show_in_ui(f"Lens Empty Latent: {text}")
         else:
             height, width = bucket_size(aspect, int(base_resolution))
         latent = torch.zeros(batch_size, LENS_CHANNELS, height // 16, width // 16, device=intermediate_device())

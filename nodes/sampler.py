@@ -10,7 +10,6 @@ Scheduler, Lens CFG Guider and the Lens Euler sampler: the same seed gives the s
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from tqdm import tqdm
@@ -18,11 +17,10 @@ from tqdm import tqdm
 from ..lens_core.presets import LIMITS, VARIANTS, check_in_range, check_variant_settings, snap_to_16
 from ..lens_core.sampling import check_settings, euler, img2img_sigmas, norm_rescaled_cfg
 from . import comfy_bridge as comfy
-from .comfy_bridge import intermediate_device, require_comfyui
+from .comfy_bridge import intermediate_device, require_comfyui, warn
 from .common import CATEGORY, LENS_CHANNELS, check_latent
 from .encode import check_conditioning
 
-log = logging.getLogger("lens_core")
 SEED_INPUT = ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1], "control_after_generate": True,
                       "tooltip": "Noise seed. Noise is drawn on the CPU exactly as ComfyUI's own samplers draw it, so a seed "
                                  "gives the same image on any GPU and the same start as a native Lens graph."})
@@ -96,8 +94,8 @@ def lens_latent(latent: dict) -> torch.Tensor:
     if samples.ndim == 4 and samples.shape[1] in NATIVE_EMPTY_CHANNELS and not samples.any():
         h, w = max(1, round(samples.shape[2] / 2)), max(1, round(samples.shape[3] / 2))
         if (h * 2, w * 2) != tuple(samples.shape[2:]):
-            log.warning("Lens: an empty %dx%d latent is not a multiple of 16 pixels; using %dx%d",
-                        samples.shape[3] * 8, samples.shape[2] * 8, w * 16, h * 16)
+            warn(f"Lens: an empty {samples.shape[3] * 8}x{samples.shape[2] * 8} latent is not a multiple of 16 pixels; "
+                 f"using {w * 16}x{h * 16}")
         return samples.new_zeros(samples.shape[0], LENS_CHANNELS, h, w)
     return check_latent(latent)
 
@@ -112,7 +110,8 @@ def run_sampler(model, positive, negative, latent, seed, steps, cfg, denoise):
     if cfg != 1.0:
         check_conditioning(negative, width, "negative")
     if variant:
-        check_variant_settings(variant, steps, cfg)
+        for text in check_variant_settings(variant, steps, cfg):  # logged by lens_core
+            comfy.show_in_ui(f"Lens: {text}")
     sigmas = img2img_sigmas(steps, denoise, samples.shape[-2] * 16, samples.shape[-1] * 16)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     guider = lens_guider(model, positive, negative if cfg != 1.0 else None, cfg)
@@ -173,7 +172,7 @@ class LensTurboSampler(_SamplerNode):
 
     def run(self, model, positive, latent, seed, steps):
         if check_lens_model(model) not in ("turbo", None):
-            log.warning("Lens Turbo Sampler: this model does not look like Lens-Turbo; 4 steps at CFG 1 will be blurry. "
+            warn("Lens Turbo Sampler: this model does not look like Lens-Turbo; 4 steps at CFG 1 will be blurry. "
                         "Use Lens Sampler (20 steps, CFG 5) for it.")
         return run_sampler(model, positive, None, latent, seed, steps, 1.0, 1.0)
 

@@ -10,6 +10,7 @@ the test environment lacks (torchvision, av, ...) are stubbed: nothing here call
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import json
@@ -95,7 +96,28 @@ def point_folders_at(models: Path, work: Path) -> None:
     folder_paths.set_output_directory(str(work / "output"))
 
 
+LOAD_LOG: list[str] = []
+
+
+@contextlib.contextmanager
+def logged(name: str):
+    """The messages logger `name` emits at INFO and above meanwhile, in a list."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main() -> int:
+    global LOAD_LOG
     comfy_dir, models, work, out, *scenarios = sys.argv[1:]
     comfy_dir, models, work = Path(comfy_dir), Path(models), Path(work)
     for sub in ("output", "input"):
@@ -104,7 +126,8 @@ def main() -> int:
     sys.path.insert(0, str(tests))
     nodes = import_comfyui(comfy_dir, work)
     logging.getLogger().setLevel(logging.WARNING)
-    load_pack(nodes, tests.parent)
+    with logged("lens_core") as LOAD_LOG:  # what the pack says as ComfyUI loads it (a scenario reads it)
+        load_pack(nodes, tests.parent)
     point_folders_at(models, work)
     import comfyui_scenarios
 

@@ -116,7 +116,7 @@ def _forward(model, seed=0):
 def a_partial_load_computes_what_a_full_load_computes(work):
     """Packed layers (the GGUF file stable-diffusion.cpp made) and plain ones, with a LoRA: loaded whole, then with a
     memory budget far below the model (most layers cast on use, the LoRA applied after decoding)."""
-    model, _, _ = load("lens_turbo-Q8_0.gguf")
+    model, _, _ = load("lens_turbo-q8_0.gguf")
     base = _forward(model)
     (patched,) = PACK["LensPackLoraLoader"]().apply(model, GGUF_LORA, 0.8)
     device = mm.get_torch_device()
@@ -477,3 +477,40 @@ def the_loader_works_where_comfyui_makes_linear_weights_lazily(work):
     out = turbo(model, positive)
     reference_model, _, _ = load("lens_turbo_bf16.safetensors")
     return {"same": diff(out, turbo(reference_model, positive))}
+
+
+def warnings_reach_the_page_and_the_pack_names_its_version(work):
+    """Warnings that change the result go to the client that queued the prompt, through ComfyUI's server (a stand-in
+    here: the real one needs aiohttp; its send_sync's parameters are read from the real server.py). The load line
+    names the pack's version."""
+    import ast
+    import sys
+    import types
+
+    import __main__
+
+    sent = []
+
+    class Server:
+        client_id = "client-1"
+
+        def send_sync(self, event, data, sid=None):
+            sent.append([event, data["message"], sid])
+
+    stand_in = types.ModuleType("server")
+    stand_in.PromptServer = type("PromptServer", (), {"instance": Server()})
+    real = sys.modules.get("server")
+    sys.modules["server"] = stand_in
+    try:
+        PACK["LensPackEmptyLatent"]().generate(1024, "custom", 1000, 2200, 1)
+        model, encoder, _ = load()
+        positive, negative = encode(encoder)
+        PACK["LensPackSampler"]().run(model, positive, negative, empty(), 7, 2, 5.0, 1.0)
+    finally:
+        sys.modules.pop("server")
+        if real is not None:
+            sys.modules["server"] = real
+    source = (Path(mm.__file__).parents[1] / "server.py").read_text(encoding="utf-8")
+    send_sync = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef) and node.name == "send_sync")
+    return {"sent": sent, "real_send_sync": [arg.arg for arg in send_sync.args.args],
+            "load_log": [line for line in __main__.LOAD_LOG if line.startswith("Lens node pack")]}

@@ -59,7 +59,7 @@ def models_dir(tmp_path_factory):
     cfg = DiTConfig(hidden=128, heads=2, blocks=2, mlp_hidden=341, text_width=64, text_layers=4)
     write_single(random_dit_state(cfg, seed=1), root / "diffusion_models" / "lens_bf16.safetensors")
     write_single(random_dit_state(cfg), root / "diffusion_models" / "lens_turbo_bf16.safetensors")
-    (root / "diffusion_models" / "lens_turbo-Q8_0.gguf").symlink_to(SD_CPP_FILE)  # stable-diffusion.cpp's output, every type
+    (root / "diffusion_models" / "lens_turbo-q8_0.gguf").symlink_to(SD_CPP_FILE)  # stable-diffusion.cpp's output, every type
     write_single(dequantised_by_gguf(SD_CPP_FILE), root / "diffusion_models" / "lens_turbo_dense.safetensors", dtype=torch.float32)
     model, cfg = hf_reference(layers=24, experts=4, top_k=4, window=128, vocab=201088)
     write_comfy_nvfp4(model, root / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")

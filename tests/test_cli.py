@@ -178,12 +178,18 @@ def test_help_names_the_program_and_the_demo_defaults(capsys):
     assert module_help.startswith("usage: python -m lens_core")
 
 
-def test_the_library_version_is_the_package_version():
+def test_the_version_is_written_once_and_the_changelog_names_it():
+    """lens_core/_version.py is the one place: pyproject.toml reads it (setuptools and comfy-cli, for the Registry), and
+    the CHANGELOG's latest release is that version."""
+    from comfy_cli.registry.config_parser import extract_node_configuration
     from pack import ROOT
 
     tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML")
-
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == lens_core.__version__
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert extract_node_configuration(str(ROOT / "pyproject.toml")).project.version == lens_core.__version__
+    releases = [line for line in (ROOT / "CHANGELOG.md").read_text().splitlines() if line.startswith("## ")]
+    assert releases[0].startswith(f"## {lens_core.__version__} ("), releases[0]
 
 
 def test_the_png_gets_the_permissions_any_new_file_gets(tmp_path):

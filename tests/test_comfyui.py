@@ -21,7 +21,7 @@ SCENARIOS = ("ksampler_and_custom_sampling_match_the_pack_samplers", "the_patche
              "bad_inputs_are_refused_with_messages_before_the_model_loads", "progress_is_reported_every_step_and_cancel_stops_sampling",
              "a_cached_prompt_does_not_load_the_encoder", "the_loader_follows_file_content_and_logs_what_it_loaded",
              "lora_loader_chains_and_strength_zero_is_identity", "concurrent_loads_of_one_file_load_it_once",
-             "the_loader_works_where_comfyui_makes_linear_weights_lazily")
+             "the_loader_works_where_comfyui_makes_linear_weights_lazily", "warnings_reach_the_page_and_the_pack_names_its_version")
 pytestmark = pytest.mark.slow
 
 
@@ -166,3 +166,17 @@ def test_concurrent_loads_of_one_file_load_it_once(comfyui):
 def test_the_loader_works_where_comfyui_builds_linear_layers_without_weights(comfyui):
     r = result(comfyui, "the_loader_works_where_comfyui_makes_linear_weights_lazily")
     assert r.get("same") == 0.0 or "skipped" in r
+
+
+def test_warnings_reach_the_page_and_the_pack_names_its_version(comfyui):
+    import lens_core
+
+    r = result(comfyui, "warnings_reach_the_page_and_the_pack_names_its_version")
+    assert r["real_send_sync"] == ["self", "event", "data", "sid"]
+    assert [(event, sid) for event, _, sid in r["sent"]] == [("lens.warning", "client-1")] * 4
+    messages = [message for _, message, _ in r["sent"]]
+    assert messages[0] == "Lens Empty Latent: 1000x2200 snapped to 1008x2208 (multiples of 16)"
+    assert "1008x2208 has aspect 0.46, outside the trained 1:2..2:1" in messages[1]
+    assert "above the trained ~2.1 MP" in messages[2]
+    assert "Lens-Turbo is distilled for 4 steps at CFG 1" in messages[3]
+    assert r["load_log"] == [f"Lens node pack {lens_core.__version__}: 10 nodes"]

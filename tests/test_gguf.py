@@ -208,10 +208,10 @@ def test_the_loader_node_lists_gguf_files(tmp_path):
 
     bridge = __import__(import_pack().__name__ + ".nodes.comfy_bridge", fromlist=["x"])
     (tmp_path / "diffusion_models").mkdir()
-    (tmp_path / "diffusion_models" / "lens_turbo-Q8_0.gguf").symlink_to(SD_CPP_FILE)
+    (tmp_path / "diffusion_models" / "lens_turbo-q8_0.gguf").symlink_to(SD_CPP_FILE)
     (tmp_path / "diffusion_models" / "folder.gguf").mkdir()  # a folder with a model's name is no file to offer
     bridge.set_models_dir(tmp_path)
-    assert bridge.list_models("diffusion_models") == ["lens_turbo-Q8_0.gguf"]
+    assert bridge.list_models("diffusion_models") == ["lens_turbo-q8_0.gguf"]
 
 
 @pytest.mark.parametrize("fuse_gate_up", [False, True], ids=["gate_up_split", "gate_up_fused"])
@@ -265,6 +265,7 @@ def test_the_bundled_tokenizer_is_checked_against_a_gguf_vocabulary(tmp_path):
         load_tokenizer(with_tokens("other.gguf", [f"t{i}" for i in range(201088)]))
 
 
+@pytest.mark.slow
 def test_compiled_blocks_of_a_gguf_denoiser_match_eager(tmp_path):
     """torch.compile traces the per-forward dequantisation with the rest of each block."""
     write_gguf(tmp_path / "lens.gguf", random_dit_state(GGUF_DIT, seed=2), 8, np.random.default_rng(5))

@@ -82,3 +82,20 @@ def test_a_model_is_all_its_files_by_name(tmp_path):
     config.write_text('{"a": 2}')
     assert identity.model_identity([weights, config]) != first
     assert identity.model_identity([weights]) != identity.model_identity([weights, config])
+
+
+def test_the_text_encoder_is_hashed_at_its_first_cached_prompt_not_at_load(golden, tmp_path, monkeypatch):
+    """Loading reads the weights once; hashing a 13 GB file as well would add seconds to every first load of a file."""
+    from te_files import golden_te_folder
+
+    from lens_core import load_text_encoder
+    from lens_core.text.loader import encoder_files
+
+    hashed = []
+    sha256 = identity._sha256
+    monkeypatch.setattr(identity, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
+    folder = golden_te_folder(golden, tmp_path)
+    encoder = load_text_encoder(folder, device="cpu")
+    assert hashed == []
+    assert encoder.identity == identity.model_identity(encoder_files(folder))
+    assert sorted(hashed) == ["config.json", "model-00001-of-00001.safetensors"]

@@ -12,6 +12,7 @@ pack = import_pack()
 NODES = pack.NODE_CLASS_MAPPINGS
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 GGUF_ENCODER_REPO = "https://huggingface.co/ggml-org/gpt-oss-20b-GGUF"  # llama.cpp's own GPT-OSS-20B GGUF
+GGUF_DENOISER_REPO = "https://huggingface.co/rootonchair/Lens-Turbo-GGUF"  # stable-diffusion.cpp conversions of Lens-Turbo
 
 
 def test_every_node_is_documented():
@@ -76,7 +77,10 @@ def test_workflow_matches_definitions(workflow):
     loaders = [n for n in data["nodes"] if n["type"] == "LensPackModelLoader"]
     models = loaders[0]["properties"]["models"] if loaders else []
     assert models and all(m["url"] in (f"https://huggingface.co/Comfy-Org/Lens/resolve/main/{m['directory']}/{m['name']}",
-                                       f"{GGUF_ENCODER_REPO}/resolve/main/{m['name']}") for m in models)
+                                       f"{GGUF_ENCODER_REPO}/resolve/main/{m['name']}",
+                                       f"{GGUF_DENOISER_REPO}/resolve/main/{m['name']}") for m in models)
+    named = {n["widgets_values"][i] for n in loaders for i in range(3)}  # every file a loader names has a download
+    assert named == {m["name"] for m in models}
     assert data["groups"] and any(n["type"] == "Note" for n in data["nodes"])
 
 
@@ -94,10 +98,9 @@ def test_workflow_note_lists_its_model_files(workflow):
             assert node["widgets_values"][0] == "example.png" and "ships with ComfyUI" in note
         if node["type"] == "LensPackLoraLoader":
             assert f"{node['widgets_values'][0]} is a placeholder" in note and "ComfyUI/models/loras" in note
-        if node["type"] == "LensPackModelLoader" and node["widgets_values"][0].endswith(".gguf"):  # no single published file
-            assert f"diffusion_models/{node['widgets_values'][0]} is a placeholder" in note
-        if any(m["url"].startswith(GGUF_ENCODER_REPO) for m in models):
-            assert GGUF_ENCODER_REPO in note
+        for repo in (GGUF_ENCODER_REPO, GGUF_DENOISER_REPO):
+            if any(m["url"].startswith(repo) for m in models):
+                assert repo in note
 
 
 def test_text_encoder_placement_auto_streams_experts_only_where_the_gpu_is_too_small(monkeypatch):

@@ -75,3 +75,12 @@ def test_registry_reads_licence_links_icon_and_models():
         folder, _, name = model.location.strip("/").rpartition("/")
         assert folder in ("diffusion_models", "text_encoders", "vae") and model.model_url.rsplit("/", 1)[1] == name
         assert model.model_url.endswith(model.location) or not model.model_url.startswith("https://huggingface.co/Comfy-Org/")
+
+
+def test_the_test_extra_holds_what_the_test_requirements_add():
+    """`pip install '.[test]'` and `pip install -r requirements-test.txt` give the tests the same packages."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML")
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    lines = [line.strip() for line in (ROOT / "requirements-test.txt").read_text().splitlines()]
+    listed = [line for line in lines if line and not line.startswith(("#", "-r", "torch=="))]
+    assert sorted(listed) == sorted(extra + ["pillow", "numpy"])

@@ -21,7 +21,15 @@ import torch
 from ..device import constant
 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_TWICE = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values x 2: whole numbers
+
+
+def _byte_pairs(values: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """For every byte, the values of its low and its high nibble: one lookup decodes two values."""
+    return tuple((values[byte & 0x0F], values[byte >> 4]) for byte in range(256))
+
+
+IQ4_PAIRS, FP4_TWICE_PAIRS = _byte_pairs(IQ4_VALUES), _byte_pairs(FP4_TWICE)
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,22 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def _times(scale: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """scale (float32, per block) x q (small integers) in `dtype`."""
-    return scale.to(dtype) * q.to(dtype)
+    """scale (float32, per block) x q (small integers) in `dtype`, multiplied in place: the decoders run once per layer
+    per forward, and on the CPU each new weight-sized tensor costs as much as the arithmetic (fresh pages)."""
+    return q.to(dtype).mul_(scale.to(dtype))
+
+
+def _nibble_values(pairs: tuple, packed: torch.Tensor, dtype: torch.dtype, interleaved: bool = False) -> torch.Tensor:
+    """Bytes [..., k] of two 4-bit codes -> [..., 2k] table values (`_byte_pairs`) in `dtype`. `interleaved`: byte j holds
+    values 2j (low nibble) and 2j+1; else the low nibbles are values 0..k-1 and the high ones k..2k-1 (ggml's order).
+
+    One int8 lookup per byte, indexed with int32: a lookup per value with int64 indices cost the CPU about twice as much."""
+    table = constant(pairs, packed.device, torch.int8)
+    found = table.index_select(0, packed.flatten().int()).view(*packed.shape, 2)
+    if interleaved:
+        return found.flatten(-2).to(dtype)
+    values = torch.empty(*packed.shape[:-1], 2, packed.shape[-1], dtype=dtype, device=packed.device)
+    return values.copy_(found.transpose(-1, -2)).flatten(-2)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -84,7 +106,7 @@ def _q4_0(b, dtype):
 
 
 def _q4_1(b, dtype):
-    return _times(_f16(b, 0), _nibbles(b[:, 4:]), dtype) + _f16(b, 2).to(dtype)
+    return _times(_f16(b, 0), _nibbles(b[:, 4:]), dtype).add_(_f16(b, 2).to(dtype))
 
 
 def _q5_0(b, dtype):
@@ -94,7 +116,7 @@ def _q5_0(b, dtype):
 
 def _q5_1(b, dtype):
     q = _nibbles(b[:, 8:]) | (_bits(b[:, 4:8], 32) << 4)
-    return _times(_f16(b, 0), q, dtype) + _f16(b, 2).to(dtype)
+    return _times(_f16(b, 0), q, dtype).add_(_f16(b, 2).to(dtype))
 
 
 def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +132,7 @@ def _k_affine(b, q: torch.Tensor, dtype) -> torch.Tensor:
     """d * scale_j * q - dmin * min_j over the 8 sub-blocks of 32 values (Q4_K, Q5_K); q [n, 8, 32] integers."""
     scales, mins = _k_scales_mins(b[:, 4:16])
     d, dmin = _f16(b, 0)[:, :, None], _f16(b, 2)[:, :, None]
-    return (_times(d * scales, q, dtype) - (dmin * mins).to(dtype)).flatten(1)
+    return _times(d * scales, q, dtype).sub_((dmin * mins).to(dtype)).flatten(1)
 
 
 def _q4_k(b, dtype):
@@ -144,7 +166,7 @@ def _q2_k(b, dtype):
     q = (qs >> shifts) & 3  # [n, half, j, 2, 16]
     d, dmin = _f16(b, 80)[:, :, None, None, None], _f16(b, 82)[:, :, None, None, None]
     scale, minimum = d * (scales & 0x0F).float()[..., None], dmin * (scales >> 4).float()[..., None]
-    return (_times(scale, q, dtype) - minimum.to(dtype)).flatten(1)
+    return _times(scale, q, dtype).sub_(minimum.to(dtype)).flatten(1)
 
 
 def _q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
@@ -165,29 +187,25 @@ def _q3_k(b, dtype):
 
 
 def _iq4_nl(b, dtype):
-    table = constant(IQ4_VALUES, b.device, dtype)
-    return _f16(b, 0).to(dtype) * table[_nibbles(b[:, 2:]).long()]
+    return _times(_f16(b, 0), _nibble_values(IQ4_PAIRS, b[:, 2:], dtype), dtype)
 
 
 def _iq4_xs(b, dtype):
-    table = constant(IQ4_VALUES, b.device, dtype)
     i = torch.arange(8, device=b.device)
     scales_high = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF
     low = (b[:, 4 + i // 2].int() >> (4 * (i % 2))) & 0x0F
     high = (scales_high >> (2 * i)) & 3
     dl = _f16(b, 0) * ((low | (high << 4)) - 32).float()  # [n, 8]
-    q = _nibbles(b[:, 8:136].reshape(-1, 8, 16))  # [n, 8, 32]
-    return (dl.to(dtype)[:, :, None] * table[q.long()]).flatten(1)
+    return _times(dl[:, :, None], _nibble_values(IQ4_PAIRS, b[:, 8:136].reshape(-1, 8, 16), dtype), dtype).flatten(1)
 
 
 def mxfp4_values(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, interleaved: bool) -> torch.Tensor:
     """MXFP4 blocks of 32 values: codes [..., 16] uint8 (two E2M1 codes a byte), scales [...] uint8 (E8M0, 2^(s-127))
     -> [..., 32]. `interleaved`: byte k holds values 2k (low nibble) and 2k+1, as in OpenAI's / Microsoft's files;
-    else the low nibbles hold values 0..15 and the high ones 16..31, as in llama.cpp's."""
-    table = constant(FP4_VALUES, codes.device, dtype)
-    low, high = codes & 0x0F, codes >> 4
-    nibbles = torch.stack([low, high], dim=-1).flatten(-2) if interleaved else torch.cat([low, high], dim=-1)
-    return table[nibbles.long()] * torch.exp2(scales.to(torch.float32) - 127).to(dtype)[..., None]
+    else the low nibbles hold values 0..15 and the high ones 16..31, as in llama.cpp's. The codes are looked up as
+    twice their value (whole numbers) and the scale halved: the same products, exactly."""
+    scale = torch.exp2(scales.to(torch.float32) - 128)[..., None]
+    return _times(scale, _nibble_values(FP4_TWICE_PAIRS, codes, dtype, interleaved), dtype)
 
 
 def _mxfp4(b, dtype):

@@ -12,6 +12,7 @@ the encoder also runs with some of its layers left in CPU memory (ComfyUI's part
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import placement
+from ..checkpoint.identity import model_identity
 from ..errors import LensInputError
 from ..quant import formats
 from ..quant.layers import PackedBank
@@ -155,6 +157,7 @@ class GptOssEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.stream_experts = False
+        self.source_files: tuple = ()  # set by the loader (text/loader.py)
         factory = {"device": device, "dtype": dtype}
         dense = (formats.dense(dtype or torch.get_default_dtype()),) * 2
         # The token embedding is a plain table, looked up wherever it lives (see `embed`), never a ComfyUI layer:
@@ -171,6 +174,16 @@ class GptOssEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype: the norms' (packed banks decode into it; a cast of the model changes it)."""
         return self.layers[0].input_layernorm.weight.dtype
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """What names this encoder in the prompt cache: the content of `source_files`, the files it was loaded from
+        (checkpoint/identity.py). Hashed at first use, not at load: the first hash of a 13 GB file takes seconds (once
+        per version of the file; remembered after), and a caller without a prompt cache never needs it. A model built
+        in memory has no files: give it an identity of its own (`model.identity = ...`) before caching its prompts."""
+        if not self.source_files:
+            raise LensInputError("this text encoder was not loaded from files: set its `identity` before caching prompts.")
+        return model_identity(list(self.source_files))
 
     @property
     def device(self) -> torch.device:

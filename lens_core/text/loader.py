@@ -25,7 +25,6 @@ from torch import nn
 
 from ..checkpoint.files import read_json_object, short
 from ..checkpoint.identify import find_key_prefix
-from ..checkpoint.identity import model_identity
 from ..checkpoint.source import ShardSet, open_component
 from ..checkpoint.tensor_loading import check_against_checkpoint, fill_from_checkpoint, missing_numbers
 from ..device import resolve_compute
@@ -376,5 +375,5 @@ def load_text_encoder(path: str | os.PathLike, device=None, dtype=None, operatio
     fill_from_checkpoint(model, read, device, dtype, dtype_for={"embed_tokens.weight": None if keep_embedding_dtype else dtype},
                          device_for={"embed_tokens.weight": "cpu"}, file_name=ckpt.name)
     model.source = ckpt.name
-    model.identity = model_identity(encoder_files(path))
+    model.source_files = tuple(encoder_files(path))
     return model
