@@ -160,8 +160,8 @@ def build_parser(prog: str = "lens") -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (no weights needed; the image is "
                                         f"a coloured pattern, not a picture); {DEMO_SIZE[1]}x{DEMO_SIZE[0]} unless "
                                         "--aspect, --base or --width/--height say otherwise")
-    _add_sampling_args(demo, "4", "5.0")
-    demo.set_defaults(steps=4, cfg=5.0)
+    _add_sampling_args(demo, "4, as Lens-Turbo", "1.0, as Lens-Turbo")
+    demo.set_defaults(steps=4, cfg=1.0)
     return parser
 
 
@@ -213,7 +213,7 @@ def _run(args) -> int:
 
         print("building tiny random models (demo: the image is noise, the pipeline is real)", file=sys.stderr)
         dit, encoder, tokenizer, vae = demo_models()
-        pipe, model_name = LensPipeline(dit, encoder, tokenizer, vae, variant="lens"), "demo (random)"
+        pipe, model_name = LensPipeline(dit, encoder, tokenizer, vae, variant="turbo"), "demo (random)"
         for what, model in (("denoiser", dit), ("text encoder", encoder), ("VAE", vae)):
             print(describe(what, model), file=sys.stderr)
     else:

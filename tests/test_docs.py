@@ -39,3 +39,11 @@ def test_nothing_refers_to_files_outside_the_repository():
     for path in DOCS + CODE:
         if path.name != "test_docs.py":
             assert "lens_spec" not in path.read_text(), path.name
+
+
+def test_ci_runs_the_readmes_test_commands_as_written():
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"## For developers.*?```\n(.*?)```", readme, flags=re.S)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = block.strip().splitlines()
+    assert commands[0].startswith("python3 ") and all(command in ci for command in commands)
