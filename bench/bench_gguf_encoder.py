@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gguf import peak_rss_gb  # noqa: E402
+from bench_identity import read_once  # noqa: E402
 from model_files import random_blocks  # noqa: E402
 
 from lens_core.quant.gguf_blocks import mxfp4_values  # noqa: E402
@@ -97,14 +98,6 @@ def write_file(path: Path, layers: int) -> None:
     for _, shape, qtype in order:
         writer.write_tensor_data(data(shape, qtype, rng))
     writer.close()
-
-
-def read_once(path: Path) -> float:
-    started = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(64 << 20):
-            pass
-    return time.perf_counter() - started
 
 
 def read_into_memory(path: Path) -> float:

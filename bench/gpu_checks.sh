@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run, for a session lent a device machine: the whole test suite on
-# CUDA (the cuda-marked tests included), then the real-size benchmarks. Each result goes to $OUT (default
+# CUDA (the cuda- and slow-marked tests included), then the real-size benchmarks (GGUF decoding in each forward
+# among them: bench_gguf.py at 1024² against the same weights dequantised once). Each result goes to $OUT (default
 # ./gpu_out) and one summary file, $OUT/summary.txt, collects them all.
 #
 # The device machine has no internet but has torch, transformers, safetensors, einops, tiktoken, pillow
@@ -43,7 +44,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     step gguf python bench/bench_gguf.py --device "$DEV" --blocks 1 --size 256 --repeats 1 --types Q8_0 Q4_K
 else
     # Most wanted first: each step's output is kept even if the device time runs out later.
-    step tests python -m pytest -q -rs tests
+    step tests python -m pytest -q -rs -m "slow or not slow" tests
     step sampling_eager python bench/bench_sampling.py --device cuda --mode eager
     step sampling_compiled python bench/bench_sampling.py --device cuda --mode compiled
     step sampling_compiled_cudagraphs_1024 python bench/bench_sampling.py --device cuda --sizes 1024 --mode compiled_cudagraphs

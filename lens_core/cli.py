@@ -22,6 +22,8 @@ from .sampling import check_size
 from .text.prompt import replace_lone_surrogates, template_date
 
 DEMO_SIZE = (256, 256)
+DIT_FILES = "lens_bf16.safetensors, *_mxfp8, a Lens GGUF (lens_turbo-q8_0.gguf ...), or a transformer/ folder"
+TEXT_ENCODER_FILES = "gpt_oss_20b_nvfp4.safetensors, llama.cpp's gpt-oss-20b-mxfp4.gguf, or a text_encoder/ folder"
 
 
 def _progress(step: int, total: int, _x0) -> None:
@@ -104,8 +106,8 @@ def validate(args) -> tuple[int, int]:
     size = _size(args)
     _check_output(args.out)
     if args.command == "generate":
-        _check_model_path(args.dit, "--dit", "a Lens denoiser: lens_bf16.safetensors, *_mxfp8, or a transformer/ folder")
-        _check_model_path(args.text_encoder, "--text-encoder", "gpt_oss_20b_nvfp4.safetensors or a text_encoder/ folder")
+        _check_model_path(args.dit, "--dit", f"a Lens denoiser: {DIT_FILES}")
+        _check_model_path(args.text_encoder, "--text-encoder", f"GPT-OSS-20B: {TEXT_ENCODER_FILES}")
         _check_model_path(args.vae, "--vae", "flux2-vae.safetensors, ae.safetensors or a vae/ folder")
         template_date(args.date)
         if args.device is not None:
@@ -144,8 +146,8 @@ def build_parser(prog: str = "lens") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate images with real Lens weights")
-    gen.add_argument("--dit", required=True, type=Path, help="denoiser: lens_bf16.safetensors, *_mxfp8, or transformer/ folder")
-    gen.add_argument("--text-encoder", required=True, type=Path, help="gpt_oss_20b_nvfp4.safetensors or text_encoder/ folder")
+    gen.add_argument("--dit", required=True, type=Path, help=f"denoiser: {DIT_FILES}")
+    gen.add_argument("--text-encoder", required=True, type=Path, help=f"text encoder: {TEXT_ENCODER_FILES}")
     gen.add_argument("--vae", required=True, type=Path, help="flux2-vae.safetensors, ae.safetensors or vae/ folder")
     gen.add_argument("--variant", choices=("auto", *VARIANTS), default="auto", help="auto: from the DiT file name")
     gen.add_argument("--device", help="cuda, cuda:1, xpu, mps or cpu (default: the best one available)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import comfy_kitchen
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_core.dit.model import DiTConfig, LensDiT
 from lens_core.quant.gguf_blocks import FLOAT_TYPES, TYPES
@@ -172,3 +173,19 @@ def write_gguf(path, state: dict[str, torch.Tensor], qtype: int, rng, architectu
             reference[name] = torch.from_numpy(values.copy())
     finish_gguf(writer)
     return reference
+
+
+class Float32Outputs(TorchDispatchMode):
+    """Records the size of every float32 tensor an operation makes (a decode into bf16 must make none of a weight's
+    size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.sizes.append(t.numel())
+        return out

@@ -208,3 +208,14 @@ def test_a_prompt_with_a_byte_that_is_not_utf8_is_drawn_and_stored(tmp_path):
     prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
     assert main(["demo", "--out", str(out), "--steps", "1", "--width", "64", "--height", "64", "--prompt", prompt]) == 0
     assert json.loads(Image.open(out).text["lens"])["prompt"] == "caf\ufffd"
+
+
+def test_help_and_a_missing_file_name_the_gguf_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a Lens GGUF (lens_turbo-q8_0.gguf" in help_text and "llama.cpp's gpt-oss-20b-mxfp4.gguf" in help_text
+    args = ["generate", "--dit", str(tmp_path / "gone.gguf"), "--text-encoder", str(tmp_path), "--vae", str(tmp_path),
+            "--out", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    assert "a Lens GGUF (lens_turbo-q8_0.gguf" in capsys.readouterr().err

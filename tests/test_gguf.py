@@ -58,26 +58,14 @@ def test_every_type_decodes_straight_into_bf16(qtype):
     """A bf16 model's weights are decoded in bf16: no float32 tensor of the weight's size is made on the way (every
     operation's output is recorded). The scale is rounded to bf16 before the multiply, so a value may differ from the
     float32 decode rounded to bf16 by a few bf16 steps of its row's largest value."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Outputs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.float32 = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    self.float32.append(t.numel())
-            return out
+    from model_files import Float32Outputs
 
     values = 2 * TYPES[qtype].values
     raw = torch.from_numpy(random_blocks(qtype, 4, values, np.random.default_rng(qtype)))
     exact = dequantize(raw, qtype, (4, values))
-    with Outputs() as recorded:
+    with Float32Outputs() as recorded:
         bf16 = dequantize(raw, qtype, exact.shape, torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16 and max(recorded.float32, default=0) <= exact.numel() // 16  # per-sub-block scales at most
+    assert bf16.dtype == torch.bfloat16 and max(recorded.sizes, default=0) <= exact.numel() // 16  # per-sub-block scales at most
     assert ((bf16.float() - exact).abs() <= 3 * 2 ** -8 * exact.abs().amax(dim=-1, keepdim=True)).all()
 
 
