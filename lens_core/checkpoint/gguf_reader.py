@@ -27,7 +27,7 @@ import torch
 from ..errors import LensFileError, all_finite
 from ..quant import formats, gguf_blocks
 from .files import existing_file, read_bytes, short
-from .identity import file_identity, version_key
+from .identity import version_key
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -249,9 +249,6 @@ class GGUFFile:
         """The format of a tensor stored in one of ggml's block types; None for a float tensor."""
         qtype = self.tensors[name].qtype
         return None if qtype in gguf_blocks.FLOAT_TYPES else formats.gguf(qtype)
-
-    def fingerprint(self) -> str:
-        return file_identity(self.path)
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor `name` on the CPU as stored: a float tensor's values, a quantised one's bytes [..., row bytes]

@@ -19,7 +19,6 @@ import torch
 
 from ..errors import LensFileError, all_finite
 from .files import existing_file, read_bytes, short
-from .identity import file_identity
 
 _DTYPES = {
     "F64": torch.float64,
@@ -160,9 +159,6 @@ class SafetensorsFile:
     def packed_format(self, name: str):
         """None: a safetensors file stores plain tensors (packed layers are assembled from several of them)."""
         return None
-
-    def fingerprint(self) -> str:
-        return file_identity(self.path)
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor `name` on the CPU as stored. Floating tensors of 16 bits and more are checked for NaN / infinity

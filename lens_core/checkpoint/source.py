@@ -7,8 +7,7 @@ A source (a safetensors file, a GGUF file, or a `ShardSet` of either) offers:
   types), else None;
 - `raw(key)`: the tensor as stored (a packed one as its bytes, checked cheaply for NaN by its format);
 - `read(key, dtype=None)`: the values (decoded when packed) in `dtype`, checked for NaN / infinity; as stored (`raw`)
-  when dtype is None;
-- `fingerprint()`: the identity of the content (checkpoint/identity.py).
+  when dtype is None.
 
 Loaders see only this interface; `open_component` finds the files of a model on disk: one file, or a folder of
 shards (checked against its index, which may name only files inside that folder).
@@ -122,7 +121,7 @@ def _open_file(path: Path) -> SafetensorsFile | GGUFFile:
     return open_gguf(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
 
 
-def _indexed_shards(folder: Path, index: Path) -> set[str]:
+def _indexed_shards(index: Path) -> set[str]:
     """The shard names an index lists: plain file names inside its own folder, nothing else."""
     weight_map = read_json_object(index, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
@@ -159,7 +158,7 @@ def open_checkpoint(path: str | os.PathLike, shard_prefix: str = "") -> ShardSet
     indexes = sorted(p for p in path.glob("*.safetensors.index.json") if p.name.startswith(shard_prefix))
     expected: set[str] = set()
     for index in indexes:
-        expected |= _indexed_shards(path, index)
+        expected |= _indexed_shards(index)
     missing = sorted(name for name in expected if not (path / name).is_file())
     if missing:
         raise LensFileError(f"{path}: the shard index lists {len(expected)} files but {some(missing)} "

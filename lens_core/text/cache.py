@@ -1,12 +1,11 @@
 """A bounded on-disk cache of prompt features, so a repeated prompt never reloads or reruns GPT-OSS.
 
-Keyed by the encoder's identity (a hash of its files' headers and sampled contents, see
-`checkpoint.safetensors_reader.fingerprint`: a fine-tune with the same size and mtime is another encoder), the
-feature code's version, the compute dtype, the template date, the selected layers and the prompt. Entries are
-written to a temporary file and renamed into place (atomic on POSIX and Windows), so concurrent readers never see
-half a file and concurrent writers of the same key simply replace each other with identical content. The oldest
-entries (by last use) are removed when the folder grows past `max_bytes`, and temporary files left by a killed
-write are removed after an hour.
+Keyed by the encoder's identity (the SHA-256 of every file it was loaded from, checkpoint/identity.py: a fine-tune
+with the same size and mtime is another encoder), the feature code's version, the compute dtype, the template date,
+the selected layers and the prompt. Entries are written to a temporary file and renamed into place (atomic on POSIX
+and Windows), so concurrent readers never see half a file and concurrent writers of the same key simply replace each
+other with identical content. The oldest entries (by last use) are removed when the folder grows past `max_bytes`,
+and temporary files left by a killed write are removed after an hour.
 
 The cache is an optimisation and never fails an encode: an entry that cannot be read, has the wrong shapes or holds
 non-finite values is discarded with a warning and recomputed; a cache that cannot be written warns and is skipped.
