@@ -118,9 +118,11 @@ def golden_te_folder(golden: Path, tmp: Path) -> Path:
     return folder
 
 
-def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bool = False, tokens: list[str] | None = None) -> None:
+def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bool = False, tokens: list[str] | None = None,
+                         fuse_qkv: bool = False) -> None:
     """`model` as llama.cpp's converter writes GPT-OSS: its names (gguf's own tensor map), the config as metadata, the
-    experts as MXFP4 blocks (gate and up split, or fused gate-first), the rest float32. The experts get random MXFP4
+    experts as MXFP4 blocks (gate and up split, or fused gate-first), q, k and v split or fused (`--fuse-qkv`: one
+    `attn_qkv` tensor, q rows first), the rest float32. The experts get random MXFP4
     weights, which are also set into `model` (dequantised by the gguf package), so `model` stays the reference."""
     import gguf
     import numpy as np
@@ -148,8 +150,15 @@ def write_llama_cpp_gguf(model, cfg, path: Path, seed: int = 0, fuse_gate_up: bo
         raw = random_blocks(39, experts * rows, cols, rng, scale=2 ** -6).reshape(experts, rows, -1)
         return raw, torch.from_numpy(dequantize(raw, mxfp4).copy())
 
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for name, tensor in state.items():
         layer = name.split(".")[1] if name.startswith("layers.") else None
+        if fuse_qkv and ".self_attn.q_proj." in name:
+            fused = torch.cat([state[name.replace("q_proj", proj)] for proj in ("q_proj", "k_proj", "v_proj")])
+            writer.add_tensor(f"blk.{layer}.attn_qkv.{name.rsplit('.', 1)[1]}", fused.float().numpy())
+            continue
+        if fuse_qkv and (".self_attn.k_proj." in name or ".self_attn.v_proj." in name):
+            continue
         if name.endswith("experts.gate_up_proj"):
             (gate_raw, gate), (up_raw, up) = random_mxfp4(inner, hidden), random_mxfp4(inner, hidden)
             tensor.copy_(torch.stack([gate, up], dim=2).flatten(1, 2).transpose(1, 2))  # HF: [E, in, 2*out], rows interleaved

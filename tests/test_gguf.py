@@ -202,8 +202,9 @@ def test_the_loader_node_lists_gguf_files(tmp_path):
     assert bridge.list_models("diffusion_models") == ["lens_turbo-q8_0.gguf"]
 
 
-@pytest.mark.parametrize("fuse_gate_up", [False, True], ids=["gate_up_split", "gate_up_fused"])
-def test_a_llama_cpp_gpt_oss_gguf_computes_what_transformers_computes(tmp_path, fuse_gate_up):
+@pytest.mark.parametrize("fuse_gate_up,fuse_qkv", [(False, False), (True, False), (False, True)],
+                         ids=["split", "gate_up_fused", "qkv_fused"])
+def test_a_llama_cpp_gpt_oss_gguf_computes_what_transformers_computes(tmp_path, fuse_gate_up, fuse_qkv):
     """llama.cpp's names, metadata and MXFP4 block layout; the experts stay packed in GGUF blocks."""
     from te_files import hf_features, hf_reference, write_llama_cpp_gguf
 
@@ -211,7 +212,7 @@ def test_a_llama_cpp_gpt_oss_gguf_computes_what_transformers_computes(tmp_path, 
     from lens_core.quant.layers import PackedBank
 
     model, cfg = hf_reference(seed=6, top_k=3, window=4)
-    write_llama_cpp_gguf(model, cfg, tmp_path / "gpt-oss-20b-mxfp4.gguf", fuse_gate_up=fuse_gate_up)
+    write_llama_cpp_gguf(model, cfg, tmp_path / "gpt-oss-20b-mxfp4.gguf", fuse_gate_up=fuse_gate_up, fuse_qkv=fuse_qkv)
     encoder = load_text_encoder(tmp_path / "gpt-oss-20b-mxfp4.gguf", device="cpu")
     banks = [m for m in encoder.modules() if isinstance(m, PackedBank)]
     assert banks and all(b.weight.dtype == torch.uint8 and b.format.qtype == 39 for b in banks)

@@ -232,11 +232,9 @@ class _LlamaCppLayout(_Layout):
         if not self.fused_qkv:
             return super()._qkv_rows(which)
         heads = self._size("layers.0.self_attn.sinks", 0, "head count")
-        head_dim = self.file.value(f"{ARCH}.attention.key_length")
         total = self.ckpt.shape("blk.0.attn_qkv.weight")[0]
-        kv = _number(self.file.value(f"{ARCH}.attention.head_count_kv"), self.ckpt.name, f"metadata {ARCH}.attention.head_count_kv",
-                     1, heads, True)
-        head_dim = _number(head_dim, self.ckpt.name, f"metadata {ARCH}.attention.key_length", 2, 1 << 16, True)
+        kv = self.meta("attention.head_count_kv", None, 1, heads, whole=True)
+        head_dim = self.meta("attention.key_length", None, 2, 1 << 16, whole=True)
         if total != (heads + 2 * kv) * head_dim:
             raise LensFileError(f"{self.ckpt.name}: blk.0.attn_qkv has {total} rows, not ({heads} + 2 x {kv}) heads of {head_dim}. "
                                 "The file is damaged: download it again.")
