@@ -24,6 +24,10 @@ from .encode import check_conditioning
 SEED_INPUT = ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1], "control_after_generate": True,
                       "tooltip": "Noise seed. Noise is drawn on the CPU exactly as ComfyUI's own samplers draw it, so a seed "
                                  "gives the same image on any GPU and the same start as a native Lens graph."})
+POSITIVE_INPUT = ("CONDITIONING", {"tooltip": "From Lens Text Encode (or ComfyUI's native Lens encoder)."})
+NEGATIVE_INPUT = ("CONDITIONING", {"tooltip": "From Lens Text Encode; an empty negative is the reference unconditional input."})
+CFG_INPUT = ("FLOAT", {"default": 5.0, "min": LIMITS["cfg"][0], "max": LIMITS["cfg"][1], "step": 0.1,
+                       "tooltip": "Guidance scale (Lens and Lens-Base: 5); 1 skips the negative pass."})
 NATIVE_EMPTY_CHANNELS = (4, 16)  # EmptyLatentImage / EmptySD3LatentImage: all zeros at 1/8 of the pixel size
 
 
@@ -141,14 +145,13 @@ class LensSampler(_SamplerNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A Lens model: Lens Model Loader's, or ComfyUI's Load Diffusion Model with a Lens file."}),
-            "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode (or ComfyUI's native Lens encoder)."}),
-            "negative": ("CONDITIONING", {"tooltip": "From Lens Text Encode; an empty negative is the reference unconditional input."}),
+            "positive": POSITIVE_INPUT,
+            "negative": NEGATIVE_INPUT,
             "latent": ("LATENT", {"tooltip": "From Lens Empty Latent (or ComfyUI's Empty Latent Image), or Lens VAE Encode "
                                              "for img2img (with denoise < 1) and inpainting (with a noise mask)."}),
             "seed": SEED_INPUT,
             "steps": ("INT", {"default": 20, "min": LIMITS["steps"][0], "max": LIMITS["steps"][1], "tooltip": "Lens: 20. Lens-Base: 50."}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": LIMITS["cfg"][0], "max": LIMITS["cfg"][1], "step": 0.1,
-                              "tooltip": "Guidance scale; 1 skips the negative pass."}),
+            "cfg": CFG_INPUT,
             "denoise": ("FLOAT", {"default": 1.0, "min": LIMITS["denoise"][0], "max": LIMITS["denoise"][1], "step": 0.01,
                                   "tooltip": "1 = text-to-image; below 1 keeps that much of the input latent (img2img)."}),
         }}
@@ -173,7 +176,7 @@ class LensTurboSampler(_SamplerNode):
     def run(self, model, positive, latent, seed, steps):
         if check_lens_model(model) not in ("turbo", None):
             warn("Lens Turbo Sampler: this model does not look like Lens-Turbo; 4 steps at CFG 1 will be blurry. "
-                        "Use Lens Sampler (20 steps, CFG 5) for it.")
+                 "Use Lens Sampler (20 steps, CFG 5) for it.")
         return run_sampler(model, positive, None, latent, seed, steps, 1.0, 1.0)
 
 
@@ -218,10 +221,9 @@ class LensCFGGuider:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A Lens model."}),
-            "positive": ("CONDITIONING", {"tooltip": "From Lens Text Encode (or ComfyUI's native Lens encoder)."}),
-            "negative": ("CONDITIONING", {"tooltip": "From Lens Text Encode; an empty negative is the reference unconditional input."}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": LIMITS["cfg"][0], "max": LIMITS["cfg"][1], "step": 0.1,
-                              "tooltip": "Guidance scale (Lens and Lens-Base: 5; Lens-Turbo: 1)."}),
+            "positive": POSITIVE_INPUT,
+            "negative": NEGATIVE_INPUT,
+            "cfg": CFG_INPUT,
         }}
 
     def get_guider(self, model, positive, negative, cfg):
