@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+try:
+    import torch
+except ImportError:  # a Python other than the test environment's: say which, instead of a traceback per test file
+    pytest.exit(f"{sys.executable} has no torch: run the tests in the README's virtual environment "
+                "(`python3 -m venv .venv && .venv/bin/pip install -r requirements-test.txt && .venv/bin/python -m pytest -q`).",
+                returncode=4)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
